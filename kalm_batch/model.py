@@ -1,0 +1,277 @@
+"""Checkpoint loading for KaLM-Reranker-V1 (T5Gemma2): tokenizer, strict half-model loads, model fingerprint.
+
+Each stage loads only what it needs from the checkpoint's safetensors: encoding workers build the text encoder,
+scorers build the decoder plus the two lm_head rows for "yes" and "no". The vision tower is never built. Loading is
+strict: a text-model weight that is missing from the checkpoint, or a checkpoint weight that belongs to no text
+module, is an error naming the keys (vision-tower weights are skipped on purpose).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer
+from transformers.models.t5gemma2.modeling_t5gemma2 import T5Gemma2Decoder, T5Gemma2TextEncoder
+
+from kalm_batch.prompts import NO_TOKEN, YES_TOKEN
+
+DEFAULT_MODEL = "KaLM-Embedding/KaLM-Reranker-V1-Nano"
+_DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+_SKIPPED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.multi_modal_projector.")
+_ENCODER_PREFIX = "model.encoder."
+_DECODER_PREFIX = "model.decoder."
+_LM_HEAD_KEY = "lm_head.out_proj.weight"
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not hold what KaLM-Reranker-V1 needs."""
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What identifies the weights and tokenizer that made a memory (stored in every manifest)."""
+
+    model_id: str
+    revision: str | None
+    config_sha256: str
+    tokenizer_sha256: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def differences(self, other: "ModelFingerprint") -> list[str]:
+        """Fields whose values differ (model_id alone is a name and is compared last, for the message)."""
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: {a[k]!r} != {b[k]!r}" for k in ("config_sha256", "tokenizer_sha256", "revision", "model_id")
+                if a[k] != b[k]]
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """bfloat16 on CUDA and float32 on CPU by default; accepts names like 'bf16' or torch dtypes."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}; use bfloat16, float16 or float32")
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of bfloat16, float16, float32") from None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_model_dir(model_name_or_path: str, revision: str | None = None) -> tuple[Path, str | None]:
+    """A local checkpoint directory, or a hub id downloaded (safetensors, configs, tokenizer files only)."""
+    path = Path(model_name_or_path).expanduser()
+    if path.is_dir():
+        return path.resolve(), revision
+    if path.exists() or model_name_or_path.startswith((".", "/")):
+        raise FileNotFoundError(f"model path {model_name_or_path!r} is not a checkpoint directory")
+    from huggingface_hub import snapshot_download
+
+    local = snapshot_download(
+        model_name_or_path, revision=revision,
+        allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
+    )
+    return Path(local), Path(local).name  # the snapshot folder is named by the commit hash
+
+
+def _sha256_of(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def fingerprint(model_dir: Path, model_id: str, revision: str | None) -> ModelFingerprint:
+    tok_files = [p for p in model_dir.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))
+                 or p.suffix == ".model"]
+    return ModelFingerprint(
+        model_id=model_id, revision=revision,
+        config_sha256=_sha256_of([model_dir / "config.json"]),
+        tokenizer_sha256=_sha256_of(tok_files) if tok_files else "none",
+    )
+
+
+def load_tokenizer(model_dir: Path | str):
+    """The reference tokenizer set-up: right padding; pad falls back to eos; neither is an error."""
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise CheckpointError(f"tokenizer in {model_dir} has neither a pad nor an eos token; add a pad token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def yes_no_ids(tokenizer) -> tuple[int, int]:
+    """Ids of "yes" and "no"; each must be exactly one token."""
+    ids = []
+    for word in (YES_TOKEN, NO_TOKEN):
+        toks = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(toks) != 1:
+            raise CheckpointError(
+                f"{word!r} tokenizes to {len(toks)} tokens {toks}; KaLM-Reranker needs it to be exactly one token "
+                "(is this the right tokenizer?)")
+        ids.append(toks[0])
+    return ids[0], ids[1]
+
+
+def load_config(model_dir: Path):
+    config = AutoConfig.from_pretrained(str(model_dir))
+    if config.model_type != "t5gemma2":
+        raise CheckpointError(f"{model_dir} is a {config.model_type!r} model; KaLM-Reranker-V1 needs 't5gemma2'")
+    return config
+
+
+class Checkpoint:
+    """Lazy access to a checkpoint's safetensors (single file or sharded index). Never unpickles."""
+
+    def __init__(self, model_dir: Path):
+        index = model_dir / "model.safetensors.index.json"
+        single = model_dir / "model.safetensors"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {k: model_dir / f for k, f in weight_map.items()}
+        elif single.exists():
+            with safe_open(str(single), "pt") as f:
+                self.files = {k: single for k in f.keys()}
+        else:
+            raise CheckpointError(f"no model.safetensors(.index.json) in {model_dir}; only safetensors are loaded")
+
+    def keys(self) -> set[str]:
+        return set(self.files)
+
+    def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[Path, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.files[k], []).append(k)
+        for file, ks in by_file.items():
+            with safe_open(str(file), "pt") as f:
+                for k in ks:
+                    out[k] = f.get_tensor(k)
+        return out
+
+
+def _encoder_key(key: str) -> str | None:
+    """Map an on-disk encoder key to the text encoder's state-dict key (both save formats are accepted)."""
+    if not key.startswith(_ENCODER_PREFIX) or key.startswith(_SKIPPED_PREFIXES):
+        return None
+    rest = key[len(_ENCODER_PREFIX):]
+    return rest[len("text_model."):] if rest.startswith("text_model.") else rest
+
+
+def check_unexpected(ckpt: Checkpoint) -> None:
+    """Every checkpoint key must belong to a known part of the model."""
+    odd = sorted(k for k in ckpt.keys() if not (
+        k.startswith(_SKIPPED_PREFIXES) or k.startswith(_ENCODER_PREFIX) or k.startswith(_DECODER_PREFIX)
+        or k == _LM_HEAD_KEY))
+    if odd:
+        raise CheckpointError(f"checkpoint has unexpected weights (not part of T5Gemma2's text model): {odd[:20]}")
+
+
+def _fill(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str, model_dir: Path) -> None:
+    expected = set(module.state_dict())
+    missing = sorted(expected - tensors.keys())
+    unexpected = sorted(tensors.keys() - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{what} weights in {model_dir} do not match the model: missing {missing[:20]}, unexpected "
+            f"{unexpected[:20]} (a random init is never used; is the checkpoint complete?)")
+    module.load_state_dict(tensors, strict=True)
+
+
+def _build(cls, config, eoi: int, dtype: torch.dtype):
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        module = cls._from_config(config, eoi_token_index=eoi, dtype=dtype)
+    return module
+
+
+def load_encoder(model_dir: Path, dtype: torch.dtype, device: torch.device, config=None) -> T5Gemma2TextEncoder:
+    """The text encoder alone (no vision tower, no decoder)."""
+    config = config or load_config(model_dir)
+    ckpt = Checkpoint(model_dir)
+    check_unexpected(ckpt)
+    wanted = {k: mk for k in ckpt.keys() if (mk := _encoder_key(k)) is not None}
+    loaded = ckpt.load(list(wanted))
+    tensors = {wanted[k]: v for k, v in loaded.items()}
+    encoder = _build(T5Gemma2TextEncoder, config.encoder.text_config, config.eoi_token_index, dtype)
+    _fill(encoder, tensors, "encoder", model_dir)
+    return encoder.to(device=device, dtype=dtype).eval()
+
+
+@dataclass
+class DecoderHalf:
+    decoder: T5Gemma2Decoder
+    yes_no_weight: torch.Tensor  # [2, hidden]: the lm_head rows of "yes" and "no"
+    softcap: float | None
+
+
+def load_decoder(model_dir: Path, yes_no: tuple[int, int], dtype: torch.dtype, device: torch.device,
+                 config=None) -> DecoderHalf:
+    """The decoder plus the two lm_head rows the score needs (tied embeddings resolved like transformers does)."""
+    config = config or load_config(model_dir)
+    ckpt = Checkpoint(model_dir)
+    check_unexpected(ckpt)
+    keys = ckpt.keys()
+    dec_keys = [k for k in keys if k.startswith(_DECODER_PREFIX)]
+    tensors = {k[len(_DECODER_PREFIX):]: v for k, v in ckpt.load(dec_keys).items()}
+    tied = bool(config.tie_word_embeddings)
+    enc_embed = {"embed_tokens.weight": "model.encoder.embed_tokens.weight",
+                 "embed_tokens.eoi_embedding": "model.encoder.embed_tokens.eoi_embedding"}
+    for name, enc_key in enc_embed.items():
+        alt = enc_key.replace("model.encoder.", "model.encoder.text_model.")
+        src = enc_key if enc_key in keys else alt if alt in keys else None
+        if name not in tensors and tied and src is not None:
+            tensors[name] = ckpt.load([src])[src]
+    decoder = _build(T5Gemma2Decoder, config.decoder, config.eoi_token_index, dtype)
+    _fill(decoder, tensors, "decoder", model_dir)
+    if _LM_HEAD_KEY in keys:
+        head = ckpt.load([_LM_HEAD_KEY])[_LM_HEAD_KEY]
+    elif tied:
+        head = tensors["embed_tokens.weight"]
+    else:
+        raise CheckpointError(f"checkpoint in {model_dir} has no {_LM_HEAD_KEY} and does not tie embeddings")
+    rows = head[list(yes_no)].to(device=device, dtype=dtype)
+    softcap = getattr(config.decoder, "final_logit_softcapping", None)
+    return DecoderHalf(decoder.to(device=device, dtype=dtype).eval(), rows, softcap)
+
+
+def model_summary(model_dir: Path) -> dict:
+    """Sizes from the config (for `kalm-batch info`), without loading weights."""
+    config = load_config(model_dir)
+    text, dec = config.encoder.text_config, config.decoder
+    return {
+        "model_type": config.model_type,
+        "vocab_size": dec.vocab_size,
+        "hidden_size": dec.hidden_size,
+        "encoder_layers": text.num_hidden_layers,
+        "decoder_layers": dec.num_hidden_layers,
+        "attention_heads": dec.num_attention_heads,
+        "kv_heads": dec.num_key_value_heads,
+        "head_dim": dec.head_dim,
+        "sliding_window": dec.sliding_window,
+        "final_logit_softcapping": getattr(dec, "final_logit_softcapping", None),
+        "tie_word_embeddings": bool(config.tie_word_embeddings),
+        "safetensors_files": sorted({p.name for p in Checkpoint(model_dir).files.values()}),
+    }
+
