@@ -1,0 +1,108 @@
+"""Retrieval metrics for runs, computed with ir-measures (trec_eval semantics).
+
+A run is ``{qid: {doc_id: score}}`` (higher score = better; ir-measures orders by score and breaks
+ties by doc id, as trec_eval does), qrels are ``{qid: {doc_id: relevance}}``. Aggregates are the mean
+over every query that has at least one judgement; a judged query the run lacks scores 0 for every
+measure, so a reranker that drops queries is penalised rather than flattered.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import ir_measures
+
+from kalm_batch.querylog import read_candidates, read_qrels
+
+DEFAULT_MEASURES = ("nDCG@10", "RR@10", "R@100")
+
+Run = dict[str, dict[str, float]]
+Qrels = dict[str, dict[str, int]]
+
+
+def _parse_measures(measures: Sequence[str]) -> dict[Any, str]:
+    """Map each parsed ir-measures measure to the name the caller used."""
+    parsed: dict[Any, str] = {}
+    for name in measures:
+        try:
+            parsed[ir_measures.parse_measure(name)] = name
+        except (NameError, ValueError, TypeError) as exc:
+            raise ValueError(f"unknown measure {name!r} ({exc}); use ir-measures names such as 'nDCG@10'") from None
+    return parsed
+
+
+def evaluate_run(run: Run, qrels: Qrels, measures: Sequence[str] = DEFAULT_MEASURES) -> dict[str, float]:
+    """Mean of each measure over the judged queries, plus ``"n_queries"`` (their number).
+
+    Queries in ``qrels`` with at least one judgement are the denominator. Such a query that is absent
+    from ``run`` (or has no candidates there) contributes 0 to every measure. Run queries without
+    judgements are ignored. Raises ValueError when qrels hold no judgement at all.
+    """
+    by_measure = _parse_measures(measures)
+    judged = {qid: {doc: int(rel) for doc, rel in docs.items()} for qid, docs in qrels.items() if docs}
+    if not judged:
+        raise ValueError("evaluate_run: qrels contain no judgements; pass the qrels of the evaluated queries")
+    sub_run = {qid: {doc: float(s) for doc, s in run[qid].items()} for qid in judged if run.get(qid)}
+    totals = dict.fromkeys(by_measure.values(), 0.0)
+    if sub_run:
+        for metric in ir_measures.iter_calc(list(by_measure), judged, sub_run):
+            if metric.query_id in sub_run:
+                totals[by_measure[metric.measure]] += float(metric.value)
+    results: dict[str, float] = {name: total / len(judged) for name, total in totals.items()}
+    results["n_queries"] = len(judged)
+    return results
+
+
+def compare_runs(
+    runs: dict[str, Run], qrels: Qrels, measures: Sequence[str] = DEFAULT_MEASURES
+) -> dict[str, dict[str, float]]:
+    """Evaluate several named runs on the same qrels: ``{run_name: evaluate_run(...)}``."""
+    return {name: evaluate_run(run, qrels, measures) for name, run in runs.items()}
+
+
+def format_table(results: dict[str, dict[str, float]], measures: Sequence[str] = DEFAULT_MEASURES) -> str:
+    """Fixed-width text table: one row per run, one column per measure (4 decimals), then ``n``.
+
+    A measure missing from a run's results shows as ``-``.
+    """
+    header = ["run", *measures, "n"]
+    body = []
+    for name, values in results.items():
+        cells = [f"{values[m]:.4f}" if m in values else "-" for m in measures]
+        count = values.get("n_queries")
+        body.append([name, *cells, str(int(count)) if count is not None else "-"])
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+
+    def render(row: list[str]) -> str:
+        first = row[0].ljust(widths[0])
+        rest = [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+        return "  ".join([first, *rest]).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([render(header), rule, *(render(row) for row in body)])
+
+
+def read_run(url: str, storage_options: dict[str, Any] | None = None) -> Run:
+    """Read a TREC run file (or candidates Parquet) into ``{qid: {doc_id: score}}``.
+
+    Strict, because silently skipped lines would change the metrics: any malformed line or repeated
+    ``(qid, doc_id)`` raises ValueError listing the first few problems with ``file:line``.
+    """
+    candidates = read_candidates(url, storage_options)
+    if candidates.problems:
+        shown = "; ".join(p.reason for p in candidates.problems[:5])
+        raise ValueError(f"{url}: {len(candidates.problems)} bad run line(s): {shown}")
+    run: Run = {}
+    for qid, doc_id, _, score in candidates.rows:
+        run.setdefault(qid, {})[doc_id] = score
+    return run
+
+
+def eval_files(
+    run_url: str,
+    qrels_url: str,
+    measures: Sequence[str] = DEFAULT_MEASURES,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """Evaluate a TREC run file against a qrels file (BEIR TSV or TREC format)."""
+    return evaluate_run(read_run(run_url, storage_options), read_qrels(qrels_url, storage_options), measures)
