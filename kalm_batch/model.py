@@ -44,15 +44,20 @@ class ModelFingerprint:
     revision: str | None
     config_sha256: str
     tokenizer_sha256: str
+    weights_sha256: str
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def differences(self, other: "ModelFingerprint") -> list[str]:
-        """Fields whose values differ (model_id alone is a name and is compared last, for the message)."""
-        a, b = self.to_dict(), other.to_dict()
-        return [f"{k}: {a[k]!r} != {b[k]!r}" for k in ("config_sha256", "tokenizer_sha256", "revision", "model_id")
-                if a[k] != b[k]]
+    def differences(self, other: "ModelFingerprint | dict") -> list[str]:
+        """Identity fields that differ. The id and revision are names: the same files under another path or id
+        are the same model, so only the config, tokenizer and weights hashes decide."""
+        a = self.to_dict()
+        b = other if isinstance(other, dict) else other.to_dict()
+        return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in IDENTITY_FIELDS if a.get(k) != b.get(k)]
+
+
+IDENTITY_FIELDS = ("config_sha256", "tokenizer_sha256", "weights_sha256")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -95,17 +100,20 @@ def _sha256_of(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in sorted(paths):
         h.update(p.name.encode())
-        h.update(p.read_bytes())
+        with open(p, "rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
     return h.hexdigest()
 
 
 def fingerprint(model_dir: Path, model_id: str, revision: str | None) -> ModelFingerprint:
     tok_files = [p for p in model_dir.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))
                  or p.suffix == ".model"]
+    weights = sorted(model_dir.glob("*.safetensors"))
     return ModelFingerprint(
         model_id=model_id, revision=revision,
         config_sha256=_sha256_of([model_dir / "config.json"]),
         tokenizer_sha256=_sha256_of(tok_files) if tok_files else "none",
+        weights_sha256=_sha256_of(weights) if weights else "none",
     )
 
 

@@ -1,0 +1,198 @@
+"""The ``kalm-batch`` command: parse flags -> typed config -> call a builder. No work happens at import."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from kalm_batch.cliutil import add_model_arguments, model_from_args
+
+
+def _tiny_model(ns) -> int:
+    from kalm_batch.tiny import write_random_model
+
+    import torch
+
+    out = write_random_model(ns.out_dir, shape=ns.shape, seed=ns.seed,
+                             dtype=torch.bfloat16 if ns.shape == "nano" else torch.float32)
+    print(f"wrote a random {ns.shape} T5Gemma2 checkpoint + tokenizer to {out}")
+    return 0
+
+
+def _info(ns) -> int:
+    from kalm_batch.model import load_tokenizer, model_summary, resolve_model_dir, yes_no_ids
+
+    model_dir, rev = resolve_model_dir(ns.model)
+    info = model_summary(model_dir)
+    tok = load_tokenizer(model_dir)
+    info.update({"model": ns.model, "path": str(model_dir), "revision": rev, "yes_no_ids": list(yes_no_ids(tok)),
+                 "default_dtype": "bfloat16 on CUDA, float32 on CPU"})
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _score(ns) -> int:
+    from kalm_batch.reranker import KaLMReranker
+
+    r = KaLMReranker(ns.model, dtype=ns.dtype, chunk_size=ns.ratio, max_length=ns.max_length)
+    print(json.dumps(r.rank(ns.query, ns.documents, instruction=ns.instruction, top_k=ns.top_k,
+                            return_documents=True), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _sample_corpus(ns) -> int:
+    from kalm_batch.sample import write_sample_corpus
+
+    info = write_sample_corpus(ns.out_dir, max_docs=ns.max_docs, n_queries=ns.queries, seed=ns.seed)
+    print(f"wrote {info.n_docs} passages and {info.n_queries} queries: {info.corpus_path}, {info.queries_path}, "
+          f"{info.qrels_path}")
+    return 0
+
+
+def _encode(ns) -> int:
+    from kalm_batch.pipelines.encode import EncodeConfig, run_encode
+
+    summary = run_encode(model_from_args(EncodeConfig, ns))
+    print("encode summary\n" + summary.table())
+    if summary.rejected:
+        print(f"rejected rows by reason: {summary.rejected_by_reason} (details: {summary.errors_file})")
+    return 0
+
+
+def _inspect(ns) -> int:
+    from kalm_batch.store import open_store
+
+    reader = open_store(ns.store)
+    out = {"store": ns.store, **reader.manifest.summary(), "settings": reader.manifest.settings.model_dump(),
+           "input": reader.manifest.input, "ratios": reader.ratios}
+    if ns.verify:
+        out["verify"] = reader.verify()
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+    return 1 if ns.verify and out["verify"]["records_corrupt"] else 0
+
+
+def _rerank(ns) -> int:
+    from kalm_batch.pipelines.rerank import config_from_args, run_rerank
+
+    summary = run_rerank(config_from_args(ns))
+    print(summary.model_dump_json(indent=2) if hasattr(summary, "model_dump_json") else summary)
+    return 0
+
+
+def _eval(ns) -> int:
+    from kalm_batch.metrics import eval_files, format_table
+
+    result = eval_files(ns.run, ns.qrels)
+    print(format_table({ns.run: result}))
+    return 0
+
+
+def _serve(ns) -> int:
+    from kalm_batch.serve.app import ServeConfig, run_serve
+
+    run_serve(model_from_args(ServeConfig, ns), blocking=True)
+    return 0
+
+
+def _quickstart(ns) -> int:
+    from kalm_batch.quickstart import run_quickstart
+
+    run_quickstart(ns.out, s3=ns.s3, max_docs=ns.max_docs)
+    return 0
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """All subcommands; the config-derived flags (and their heavy imports) only for ``command``."""
+    p = argparse.ArgumentParser(prog="kalm-batch", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("tiny-model", help="write a random T5Gemma2 checkpoint + tokenizer (offline tests, demos)")
+    s.add_argument("out_dir")
+    s.add_argument("--shape", choices=["tiny", "nano"], default="tiny", help="tiny, or the real Nano shape")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_tiny_model)
+
+    s = sub.add_parser("info", help="model type, sizes, yes/no ids")
+    s.add_argument("model")
+    s.set_defaults(fn=_info)
+
+    s = sub.add_parser("score", help="rank documents for one query; prints JSON")
+    s.add_argument("--model", required=True)
+    s.add_argument("--query", required=True)
+    s.add_argument("documents", nargs="+")
+    s.add_argument("--instruction", default=None)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--dtype", default=None)
+    s.add_argument("--ratio", type=int, default=4)
+    s.add_argument("--max-length", type=int, default=1024)
+    s.set_defaults(fn=_score)
+
+    s = sub.add_parser("sample-corpus", help="write a BEIR corpus + queries + qrels from stdlib docstrings")
+    s.add_argument("out_dir")
+    s.add_argument("--max-docs", type=int, default=2000)
+    s.add_argument("--queries", type=int, default=100)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_sample_corpus)
+
+    s = sub.add_parser("encode", help="encode a corpus into a memory store (Ray Data job)")
+    if command == "encode":
+        from kalm_batch.pipelines.encode import EncodeConfig
+
+        add_model_arguments(s, EncodeConfig)
+    s.set_defaults(fn=_encode)
+
+    s = sub.add_parser("inspect", help="manifest summary of a store; --verify checks every checksum")
+    s.add_argument("store")
+    s.add_argument("--verify", action="store_true")
+    s.set_defaults(fn=_inspect)
+
+    s = sub.add_parser("rerank", help="rerank query logs against a memory store (Ray Data job)")
+    if command == "rerank":
+        from kalm_batch.pipelines.rerank import add_rerank_arguments
+
+        add_rerank_arguments(s)
+    s.set_defaults(fn=_rerank)
+
+    s = sub.add_parser("eval", help="nDCG@10 / RR@10 / R@100 of a TREC run (ir-measures)")
+    s.add_argument("--run", required=True)
+    s.add_argument("--qrels", required=True)
+    s.set_defaults(fn=_eval)
+
+    s = sub.add_parser("serve", help="Ray Serve rerank endpoint over a memory store")
+    if command == "serve":
+        from kalm_batch.serve.app import ServeConfig
+
+        add_model_arguments(s, ServeConfig)
+    s.set_defaults(fn=_serve)
+
+    s = sub.add_parser("quickstart", help="end to end on the embedded default: tiny model, sample corpus, encode, "
+                                          "BM25, rerank, metrics")
+    s.add_argument("--out", default="quickstart-out")
+    s.add_argument("--s3", action="store_true", help="put the corpus and store on an in-process S3 server (moto)")
+    s.add_argument("--max-docs", type=int, default=300)
+    s.set_defaults(fn=_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    ns = build_parser(command).parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from kalm_batch.store.manifest import StoreError
+
+    try:
+        return ns.fn(ns)
+    except (ValueError, TypeError, StoreError, OSError) as e:
+        if ns.verbose:
+            raise
+        print(f"kalm-batch {ns.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

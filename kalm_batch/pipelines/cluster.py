@@ -1,0 +1,59 @@
+"""Joining or starting Ray for a job, and sizing actors to what the cluster has."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+_FORWARDED_ENV = ("AWS_", "KALM_", "HF_")
+
+
+def forwarded_env() -> dict:
+    """The driver's object-store and hub settings (AWS_*, KALM_*, HF_*), for the workers' runtime env."""
+    return {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV)}
+
+
+def stage_remote_args() -> dict:
+    """Per-stage Ray options so tasks and actors see the driver's S3 endpoint and credentials even when Ray was
+    started before they were set (e.g. by another job in the same session)."""
+    env = forwarded_env()
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` ('auto', 'ray://...') or start a local Ray when None/'local' (the embedded default)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    forwarded = forwarded_env()
+    runtime_env = {"env_vars": forwarded} if forwarded else None
+    if address in (None, "local"):
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=runtime_env,
+                 log_to_driver=True, configure_logging=False)
+    else:
+        ray.init(address=address, runtime_env=runtime_env, configure_logging=False)
+    log.info("ray resources: %s", ray.cluster_resources())
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def actor_resources(gpus_per_worker: float | None, workers: int) -> dict:
+    """``num_gpus`` per actor when the cluster has GPUs, else a fractional CPU share that never oversubscribes."""
+    import ray
+
+    gpus = cluster_gpus() if gpus_per_worker is None else gpus_per_worker
+    if gpus and gpus_per_worker is None:
+        gpus = 1.0
+    if gpus:
+        return {"num_gpus": gpus, "num_cpus": 1}
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    share = max(0.1, min(1.0, (cpus * 0.5) / max(1, workers)))
+    return {"num_cpus": round(share, 2)}

@@ -1,0 +1,200 @@
+"""The corpus encode job: shard a corpus across workers into a memory store (resumable, exactly once).
+
+Ray Data does the distribution (read tasks, actor pools for tokenizing and encoding, shard-writing tasks, progress
+bars, retries). Two things are ours, on purpose:
+- The store is its own checkpoint. Committed shards carry their doc ids; a re-run reads them and skips those rows.
+  Ray Data's CheckpointConfig would keep a second id log beside the store, needs a Ray Data write sink, and names
+  output files per task rather than by content — a retried task could then add duplicate rows.
+- Shards are written by our task (not ``write_parquet``) so each file is named by its doc ids (a retry rewrites the
+  same file), committed atomically, and reported back (rows, bytes, sha256) for the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, Field
+
+from kalm_batch import fsio
+from kalm_batch.codec import CODEC_DTYPES
+from kalm_batch.corpus import JOIN_MODES, CorpusFormat, list_corpus_files
+from kalm_batch.model import DEFAULT_MODEL
+from kalm_batch.pipelines import encode_stages as S
+from kalm_batch.pipelines.cluster import actor_resources, init_ray, stage_remote_args
+from kalm_batch.store.manifest import Manifest, StoreError
+from kalm_batch.store.writer import finalize_store, prepare_store, settings_for, write_errors
+from kalm_batch.store.manifest import ShardInfo
+
+log = logging.getLogger(__name__)
+
+
+class EncodeConfig(BaseModel):
+    """Settings of one encode run (the CLI and jobs/encode_corpus.py build this from flags)."""
+
+    model: str = Field(DEFAULT_MODEL, description="checkpoint directory or hub id")
+    corpus: str = Field(description="corpus file, directory or glob (JSONL/Parquet; any fsspec URL)")
+    store: str = Field(description="store URL to create or resume (file://, s3://, gs://, local path)")
+    ratio: int = Field(4, description="MEP chunk size r0 the memories are pooled at (1, 2, 4, 8, 16, 32)")
+    dtype: Literal["bfloat16", "float16", "float32", "int8"] = Field("bfloat16", description="codec dtype")
+    level: int = Field(3, ge=1, le=22, description="zstd level of the memory codec")
+    model_dtype: str | None = Field(None, description="compute dtype (default bf16 on GPU, fp32 on CPU)")
+    max_length: int = Field(1024, ge=2, description="encoder truncation length in tokens (prefix included)")
+    id_field: str = Field("_id", description="id column/key")
+    text_field: str = Field("text", description="text column/key")
+    title_field: str | None = Field("title", description="title column/key (None: no title)")
+    join: str = Field("title_space_text", description=f"how title and text are joined: {', '.join(JOIN_MODES)}")
+    address: str | None = Field(None, description="Ray address: None/'local' starts a local Ray, 'auto' joins one")
+    workers: int = Field(1, ge=1, description="encoder actors")
+    gpus_per_worker: float | None = Field(None, description="GPUs per encoder actor (default: 1 if the cluster has GPUs)")
+    max_tokens_per_batch: int = Field(16384, ge=1, description="padded-token budget per encoder forward")
+    batch_size: int = Field(64, ge=1, description="max passages per encoder forward")
+    rows_per_task: int = Field(256, ge=1, description="passages handed to an encoder actor at once")
+    shard_rows: int = Field(1024, ge=1, description="passages per Parquet shard")
+    overwrite: bool = Field(False, description="delete an existing store made with other settings")
+    storage_options: dict | None = Field(None, description="fsspec options for the corpus and store URLs")
+    num_cpus: int | None = Field(None, description="CPUs for a local Ray (default: all)")
+
+
+class EncodeSummary(BaseModel):
+    store: str
+    input_rows: int
+    stored_new: int
+    skipped_existing: int
+    rejected: int
+    rejected_by_reason: dict[str, int]
+    truncated: int
+    tokens: int
+    seconds: float
+    docs_per_s: float
+    tokens_per_s: float
+    padding_ratio: float
+    bytes_written: int
+    bytes_per_doc: float
+    store_rows: int
+    errors_file: str
+
+    def table(self) -> str:
+        keys = ["input_rows", "stored_new", "skipped_existing", "rejected", "truncated", "tokens", "seconds",
+                "docs_per_s", "tokens_per_s", "padding_ratio", "bytes_written", "bytes_per_doc", "store_rows"]
+        width = max(map(len, keys))
+        return "\n".join(f"{k:<{width}}  {getattr(self, k)}" for k in keys)
+
+
+class NoGoodRowsError(StoreError):
+    """Every input row was rejected: nothing to store."""
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":", 1)[0].split("(", 1)[0].strip()[:60]
+
+
+def _read_rows(cfg: EncodeConfig, files: list[str]):
+    import ray
+
+    fmt = CorpusFormat(id_field=cfg.id_field, text_field=cfg.text_field, title_field=cfg.title_field, join=cfg.join)
+    items = [{"url": u, "file_index": i} for i, u in enumerate(files)]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    return ds.flat_map(S.read_file_rows, fn_kwargs={"fmt": fmt, "storage_options": cfg.storage_options},
+                       num_cpus=0.25, **stage_remote_args()).materialize()
+
+
+def _encode_pipeline(cfg: EncodeConfig, rows, drop_ref):
+    import ray
+
+    res = actor_resources(cfg.gpus_per_worker, cfg.workers)
+    remote = stage_remote_args()
+    keep = rows.map_batches(_keep_rows, fn_kwargs={"drop_ref": drop_ref}, batch_format="numpy", num_cpus=0.25)
+    tokens = keep.map_batches(
+        S.TokenizeRows, fn_constructor_kwargs={"model": cfg.model, "max_length": cfg.max_length},
+        batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25, **remote)
+    encoded = tokens.map_batches(
+        S.EncodeRows, batch_size=cfg.rows_per_task, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.workers), **res, **remote,
+        fn_constructor_kwargs=dict(model=cfg.model, ratio=cfg.ratio, max_length=cfg.max_length,
+                                   dtype=cfg.model_dtype, codec_dtype=cfg.dtype, level=cfg.level,
+                                   max_tokens_per_batch=cfg.max_tokens_per_batch, batch_size=cfg.batch_size))
+    return encoded.map_batches(S.write_shard_batch, batch_size=cfg.shard_rows, batch_format="numpy", num_cpus=0.25,
+                               fn_kwargs={"store_url": cfg.store, "storage_options": cfg.storage_options}, **remote)
+
+
+_DROP_CACHE: dict = {}
+
+
+def _keep_rows(batch: dict, drop_ref) -> dict:
+    import ray
+
+    key = drop_ref.hex()
+    if key not in _DROP_CACHE:
+        _DROP_CACHE.clear()
+        _DROP_CACHE[key] = ray.get(drop_ref)
+    return S.keep_rows(batch, _DROP_CACHE[key])
+
+
+def _rejections(rows) -> list[dict]:
+    """Rows the readers rejected (bad JSON, missing fields, unreadable files...), for errors/rejected.jsonl."""
+    from ray.data.expressions import col
+
+    bad = rows.filter(expr=col("reason") != "").take_all()
+    return [{"source": r["source"], "line": r["line"], "doc_id": r["doc_id"], "reason": r["reason"],
+             "raw": r["raw"] or None} for r in bad]
+
+
+def run_encode(cfg: EncodeConfig) -> EncodeSummary:
+    """Run the whole job (local Ray unless ``cfg.address``); returns the summary, the store is committed."""
+    import ray
+
+    from kalm_batch.reranker import KaLMReranker
+
+    start = time.perf_counter()
+    files = list_corpus_files(cfg.corpus, cfg.storage_options)
+    probe = KaLMReranker(cfg.model, chunk_size=cfg.ratio, max_length=cfg.max_length)  # tokenizer + config only
+    settings = settings_for(probe, dtype=cfg.dtype, text_join=cfg.join)
+    committed = prepare_store(cfg.store, settings, overwrite=cfg.overwrite, storage_options=cfg.storage_options)
+    init_ray(cfg.address, num_cpus=cfg.num_cpus)
+    rows = _read_rows(cfg, files)
+    ids = pa.concat_tables([ray.get(r) for r in rows.select_columns(
+        ["doc_id", "source", "line", "file_index", "reason"]).to_arrow_refs()])
+    plan = S.plan_encode(ids, committed)
+    rejected = _rejections(rows)
+    for (fi, line), reason in sorted(plan.duplicates.items()):
+        rejected.append({"source": files[fi], "line": line, "doc_id": None, "reason": reason, "raw": None})
+    if plan.good_rows == 0:
+        write_errors(cfg.store, rejected, cfg.storage_options)
+        raise NoGoodRowsError(f"every one of the {ids.num_rows} input rows of {cfg.corpus} was rejected; nothing was "
+                              f"stored. See {fsio.join_url(cfg.store, 'errors/rejected.jsonl')} for the reasons.")
+    to_encode = plan.good_rows - len(plan.duplicates) - len(plan.skip)
+    shard_rows = _encode_pipeline(cfg, rows, ray.put(plan.drop)).take_all() if to_encode else []
+    errors_url = write_errors(cfg.store, rejected, cfg.storage_options)
+    return _finish(cfg, settings, start, ids.num_rows, plan, rejected, shard_rows, errors_url)
+
+
+def _finish(cfg, settings, start, input_rows, plan, rejected, shard_rows, errors_url) -> EncodeSummary:
+    by_reason: dict[str, int] = {}
+    for r in rejected:
+        by_reason[_reason_kind(r["reason"])] = by_reason.get(_reason_kind(r["reason"]), 0) + 1
+    new = [ShardInfo(name=r["name"], rows=r["rows"], bytes=r["bytes"], sha256=r["sha256"]) for r in shard_rows]
+    stored_new = sum(r["rows"] for r in shard_rows)
+    tokens = sum(r["tokens"] for r in shard_rows)
+    padded = sum(r["padded_positions"] for r in shard_rows)
+    stats = {"corpus": cfg.corpus, "files": None, "input_rows": input_rows, "stored_new": stored_new,
+             "skipped_existing": len(plan.skip), "rejected": len(rejected), "rejected_by_reason": by_reason,
+             "truncated": sum(r["truncated"] for r in shard_rows), "text_join": cfg.join,
+             "errors_file": errors_url}
+    manifest: Manifest = finalize_store(cfg.store, settings, level=cfg.level, new_shards=new, input_stats=stats,
+                                        storage_options=cfg.storage_options)
+    if input_rows != stored_new + len(plan.skip) + len(rejected):
+        raise StoreError(f"row accounting does not add up: {input_rows} input rows != {stored_new} stored + "
+                         f"{len(plan.skip)} already stored + {len(rejected)} rejected")
+    secs = time.perf_counter() - start
+    mem_bytes = sum(r["memory_bytes"] for r in shard_rows)
+    return EncodeSummary(
+        store=cfg.store, input_rows=input_rows, stored_new=stored_new, skipped_existing=len(plan.skip),
+        rejected=len(rejected), rejected_by_reason=by_reason, truncated=stats["truncated"], tokens=tokens,
+        seconds=round(secs, 3), docs_per_s=round(stored_new / secs, 2), tokens_per_s=round(tokens / secs, 1),
+        padding_ratio=round(1 - tokens / padded, 4) if padded else 0.0,
+        bytes_written=sum(r["bytes"] for r in shard_rows),
+        bytes_per_doc=round(mem_bytes / stored_new, 1) if stored_new else 0.0, store_rows=manifest.rows,
+        errors_file=errors_url)

@@ -1,0 +1,136 @@
+"""The encode job's stages as plain callables (Ray Data runs them; tests can call them directly).
+
+read (CPU tasks) -> plan (driver: duplicates, already-stored ids) -> tokenize (CPU actors) -> encode + pool + codec
+(GPU/CPU actors, encoder half only) -> write shards (CPU tasks). Rows are dicts of columns (pandas-free numpy batches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from kalm_batch.batching import PaddingStats
+from kalm_batch.corpus import CorpusFormat, Passage, read_corpus_file
+from kalm_batch.store.writer import SHARD_SCHEMA, memory_table, text_hash, write_shard
+
+ROW_COLUMNS = ("doc_id", "text", "source", "line", "file_index", "reason", "raw")
+
+
+def read_file_rows(item: dict, fmt: CorpusFormat, storage_options: dict | None) -> list[dict]:
+    """Every row of one corpus file, good or rejected (``reason`` non-empty), tagged with its file index.
+
+    Good rows carry ``reason == ""`` rather than None: a block whose column is all None would lose its string type.
+    """
+    rows = []
+    for x in read_corpus_file(item["url"], fmt, storage_options):
+        good = isinstance(x, Passage)
+        rows.append({
+            "doc_id": x.doc_id, "text": x.text if good else None, "source": x.source, "line": x.line,
+            "file_index": item["file_index"], "reason": "" if good else x.reason, "raw": "" if good else (x.raw or ""),
+        })
+    return rows
+
+
+@dataclass
+class EncodePlan:
+    """Decisions made on the driver from the ids alone: which rows are duplicates and which are already stored."""
+
+    duplicates: dict[tuple[int, int], str] = field(default_factory=dict)  # (file_index, line) -> reason
+    skip: set[tuple[int, int]] = field(default_factory=set)               # rows already committed in the store
+    good_rows: int = 0
+
+    @property
+    def drop(self) -> set[tuple[int, int]]:
+        return set(self.duplicates) | self.skip
+
+
+def plan_encode(ids: pa.Table, committed: set[str]) -> EncodePlan:
+    """Keep the first occurrence of each doc id (by file, then line); later ones are rejected as duplicates."""
+    good = ids.filter(pa.compute.equal(ids.column("reason"), ""))
+    good = good.sort_by([("file_index", "ascending"), ("line", "ascending")])
+    plan = EncodePlan(good_rows=good.num_rows)
+    first: dict[str, tuple[str, int]] = {}
+    for doc_id, fi, line, source in zip(good.column("doc_id").to_pylist(), good.column("file_index").to_pylist(),
+                                        good.column("line").to_pylist(), good.column("source").to_pylist()):
+        if doc_id in first:
+            src, ln = first[doc_id]
+            plan.duplicates[(fi, line)] = f"duplicate doc_id {doc_id!r} (first seen at {src}:{ln}); kept the first"
+            continue
+        first[doc_id] = (source, line)
+        if doc_id in committed:
+            plan.skip.add((fi, line))
+    return plan
+
+
+def keep_rows(batch: dict, drop: set[tuple[int, int]]) -> dict:
+    """Good rows that are neither duplicates nor already stored."""
+    mask = np.array([r == "" and (int(f), int(ln)) not in drop
+                     for r, f, ln in zip(batch["reason"], batch["file_index"], batch["line"])], dtype=bool)
+    return {k: np.asarray(batch[k])[mask] for k in ("doc_id", "text", "source", "line")}
+
+
+class TokenizeRows:
+    """Encoder token ids per passage ("<Document>: " + text, truncated like the reference)."""
+
+    def __init__(self, model: str, max_length: int):
+        from kalm_batch.model import load_tokenizer, resolve_model_dir
+        from kalm_batch.prompts import document_text
+
+        self._document_text = document_text
+        self.tokenizer = load_tokenizer(resolve_model_dir(model)[0])
+        self.max_length = max_length
+
+    def __call__(self, batch: dict) -> dict:
+        texts = [self._document_text(t) for t in batch["text"]]
+        ids = self.tokenizer(texts, add_special_tokens=False, truncation=True,
+                             max_length=self.max_length + 1)["input_ids"] if texts else []
+        return {
+            "doc_id": batch["doc_id"], "source": batch["source"], "line": batch["line"],
+            "text_sha256": np.array([text_hash(t) for t in batch["text"]], dtype=object),
+            "token_ids": np.array([np.asarray(x[: self.max_length], dtype=np.int32) for x in ids] + [None],
+                                  dtype=object)[:-1],
+            "truncated": np.array([len(x) > self.max_length for x in ids], dtype=bool),
+        }
+
+
+class EncodeRows:
+    """Encoder half + MEP pooling + codec, on one GPU (or a CPU share). Sorts each batch by length under a budget."""
+
+    def __init__(self, model: str, ratio: int, max_length: int, dtype: str | None, codec_dtype: str, level: int,
+                 max_tokens_per_batch: int, batch_size: int, device: str | None = None):
+        from kalm_batch.reranker import KaLMReranker
+
+        self.reranker = KaLMReranker(model, device=device, dtype=dtype, chunk_size=ratio, max_length=max_length,
+                                     max_tokens_per_batch=max_tokens_per_batch, batch_size=batch_size)
+        self.codec_dtype, self.level = codec_dtype, level
+
+    def __call__(self, batch: dict) -> dict:
+        stats = PaddingStats()
+        memories = self.reranker.encode_ids([list(x) for x in batch["token_ids"]], stats=stats)
+        table = memory_table(list(batch["doc_id"]), memories, list(batch["text_sha256"]), list(batch["source"]),
+                             [int(x) for x in batch["line"]], self.codec_dtype, self.level)
+        out = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+        # an all-None column would lose its binary type between stages: carry b"" and restore None when writing
+        out["scales"] = np.array([b"" if x is None else x for x in out["scales"]] + [None], dtype=object)[:-1]
+        n = len(memories)
+        out["truncated"] = np.asarray(batch["truncated"], dtype=bool)
+        # padding accounting per batch, spread over its rows so Ray Data can sum it downstream
+        out["padded_positions"] = np.full(n, stats.total_tokens / max(n, 1), dtype=np.float64)
+        return out
+
+
+def write_shard_batch(batch: dict, store_url: str, storage_options: dict | None) -> dict:
+    """One shard file per batch; returns one row describing it (for the manifest and the summary)."""
+    columns = {name: list(batch[name]) for name in SHARD_SCHEMA.names}
+    columns["scales"] = [x or None for x in columns["scales"]]
+    table = pa.table({name: pa.array(v, type=SHARD_SCHEMA.field(name).type) for name, v in columns.items()},
+                     schema=SHARD_SCHEMA)
+    info = write_shard(store_url, table, storage_options)
+    return {
+        "name": [info.name], "rows": [info.rows], "bytes": [info.bytes], "sha256": [info.sha256],
+        "tokens": [int(np.sum(batch["n_tokens"]))], "vectors": [int(np.sum(batch["n_vectors"]))],
+        "memory_bytes": [int(np.sum(batch["nbytes"]))], "truncated": [int(np.sum(batch["truncated"]))],
+        "padded_positions": [float(np.sum(batch["padded_positions"]))],
+    }
