@@ -123,7 +123,7 @@ def _write_dirty_corpus(root: Path) -> dict:
     (root / "a.jsonl").write_bytes(data)
     (root / "b.jsonl.gz").write_bytes(b"this is not gzip")  # unreadable file
     (root / "c.jsonl").write_text(json.dumps({"_id": "g0", "text": "another duplicate"}) + "\n")
-    return {"input_rows": len(lines) + 1 + 1 + 1, "stored": 7, "rejected": 8}
+    return {"input_rows": len(lines) + 1 + 1 + 1, "stored": 7, "rejected": 9}
 
 
 def test_bad_rows_are_recorded_and_the_rest_is_stored(tiny_model_dir, tmp_path):

@@ -156,7 +156,7 @@ def run_encode(cfg: EncodeConfig) -> EncodeSummary:
     init_ray(cfg.address, num_cpus=cfg.num_cpus)
     rows = _read_rows(cfg, files)
     ids = pa.concat_tables([ray.get(r) for r in rows.select_columns(
-        ["doc_id", "source", "line", "file_index", "reason"]).to_arrow_refs()])
+        ["doc_id", "source", "line", "file_index", "reason"]).to_arrow_refs()], promote_options="default")
     plan = S.plan_encode(ids, committed)
     rejected = _rejections(rows)
     for (fi, line), reason in sorted(plan.duplicates.items()):
