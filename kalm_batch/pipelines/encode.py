@@ -12,6 +12,7 @@ bars, retries). Two things are ours, on purpose:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Literal
 
@@ -56,6 +57,8 @@ class EncodeConfig(BaseModel):
     overwrite: bool = Field(False, description="delete an existing store made with other settings")
     storage_options: dict | None = Field(None, description="fsspec options for the corpus and store URLs")
     num_cpus: int | None = Field(None, description="CPUs for a local Ray (default: all)")
+    cpu_threads: int | None = Field(None, description="torch threads per encoder actor on CPU (default: the "
+                                                      "node's CPUs / workers)")
 
 
 class EncodeSummary(BaseModel):
@@ -74,11 +77,13 @@ class EncodeSummary(BaseModel):
     bytes_written: int
     bytes_per_doc: float
     store_rows: int
+    worker_peak_rss_mb: float
     errors_file: str
 
     def table(self) -> str:
         keys = ["input_rows", "stored_new", "skipped_existing", "rejected", "truncated", "tokens", "seconds",
-                "docs_per_s", "tokens_per_s", "padding_ratio", "bytes_written", "bytes_per_doc", "store_rows"]
+                "docs_per_s", "tokens_per_s", "padding_ratio", "bytes_written", "bytes_per_doc", "store_rows",
+                "worker_peak_rss_mb"]
         width = max(map(len, keys))
         return "\n".join(f"{k:<{width}}  {getattr(self, k)}" for k in keys)
 
@@ -115,7 +120,8 @@ def _encode_pipeline(cfg: EncodeConfig, rows, drop_ref):
         compute=ray.data.ActorPoolStrategy(size=cfg.workers), **res, **remote,
         fn_constructor_kwargs=dict(model=cfg.model, ratio=cfg.ratio, max_length=cfg.max_length,
                                    dtype=cfg.model_dtype, codec_dtype=cfg.dtype, level=cfg.level,
-                                   max_tokens_per_batch=cfg.max_tokens_per_batch, batch_size=cfg.batch_size))
+                                   max_tokens_per_batch=cfg.max_tokens_per_batch, batch_size=cfg.batch_size,
+                                   cpu_threads=cfg.cpu_threads or max(1, (os.cpu_count() or 1) // cfg.workers)))
     return encoded.map_batches(S.write_shard_batch, batch_size=cfg.shard_rows, batch_format="numpy", num_cpus=0.25,
                                fn_kwargs={"store_url": cfg.store, "storage_options": cfg.storage_options}, **remote)
 
@@ -197,4 +203,4 @@ def _finish(cfg, settings, start, input_rows, plan, rejected, shard_rows, errors
         padding_ratio=round(1 - tokens / padded, 4) if padded else 0.0,
         bytes_written=sum(r["bytes"] for r in shard_rows),
         bytes_per_doc=round(mem_bytes / stored_new, 1) if stored_new else 0.0, store_rows=manifest.rows,
-        errors_file=errors_url)
+        worker_peak_rss_mb=max([r["worker_rss_mb"] for r in shard_rows], default=0.0), errors_file=errors_url)

@@ -6,6 +6,7 @@ read (CPU tasks) -> plan (driver: duplicates, already-stored ids) -> tokenize (C
 
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,9 +100,14 @@ class EncodeRows:
     """Encoder half + MEP pooling + codec, on one GPU (or a CPU share). Sorts each batch by length under a budget."""
 
     def __init__(self, model: str, ratio: int, max_length: int, dtype: str | None, codec_dtype: str, level: int,
-                 max_tokens_per_batch: int, batch_size: int, device: str | None = None):
+                 max_tokens_per_batch: int, batch_size: int, device: str | None = None,
+                 cpu_threads: int | None = None):
+        import torch
+
         from kalm_batch.reranker import KaLMReranker
 
+        if cpu_threads and not torch.cuda.is_available():
+            torch.set_num_threads(cpu_threads)  # Ray pins OMP threads to the actor's (fractional) CPU share
         self.reranker = KaLMReranker(model, device=device, dtype=dtype, chunk_size=ratio, max_length=max_length,
                                      max_tokens_per_batch=max_tokens_per_batch, batch_size=batch_size)
         self.codec_dtype, self.level = codec_dtype, level
@@ -118,6 +124,7 @@ class EncodeRows:
         out["truncated"] = np.asarray(batch["truncated"], dtype=bool)
         # padding accounting per batch, spread over its rows so Ray Data can sum it downstream
         out["padded_positions"] = np.full(n, stats.total_tokens / max(n, 1), dtype=np.float64)
+        out["worker_rss_mb"] = np.full(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return out
 
 
@@ -133,4 +140,5 @@ def write_shard_batch(batch: dict, store_url: str, storage_options: dict | None)
         "tokens": [int(np.sum(batch["n_tokens"]))], "vectors": [int(np.sum(batch["n_vectors"]))],
         "memory_bytes": [int(np.sum(batch["nbytes"]))], "truncated": [int(np.sum(batch["truncated"]))],
         "padded_positions": [float(np.sum(batch["padded_positions"]))],
+        "worker_rss_mb": [float(np.max(batch["worker_rss_mb"]))],
     }
