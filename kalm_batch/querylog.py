@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
@@ -22,7 +20,8 @@ from typing import Any, Iterable, Iterator
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
+
+from kalm_batch import fsio
 
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 _QUERY_HEADERS = ("query-id\ttext", "qid\ttext")
@@ -384,12 +383,7 @@ def write_trec_run(
         raise ValueError(f"write_trec_run({url}): tag {tag!r} must be non-empty without whitespace")
     ordered = sorted(rows, key=lambda row: (row[0], row[2]))
     lines = [_trec_line(row, tag, url, previous) for row, previous in zip(ordered, [None, *ordered])]
-    body = "".join(lines).encode("utf-8")
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    if isinstance(fs, LocalFileSystem):
-        _replace_local(path, body)
-    else:
-        fs.pipe_file(path, body)
+    fsio.write_bytes_atomic(url, "".join(lines).encode("utf-8"), storage_options)
 
 
 def _trec_line(row: tuple[str, str, int, float], tag: str, url: str, previous: Any) -> str:
@@ -404,19 +398,3 @@ def _trec_line(row: tuple[str, str, int, float], tag: str, url: str, previous: A
         raise ValueError(f"write_trec_run({url}): query {qid!r} rank {rank} scores higher than rank {previous[2]}; "
                          "ranks must follow descending score")
     return f"{qid} Q0 {doc_id} {int(rank)} {score!r} {tag}\n"
-
-
-def _replace_local(path: str, body: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(body)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -14,9 +14,10 @@ import os
 import random
 import re
 import sysconfig
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
+
+from kalm_batch import fsio
 
 MIN_DOC_CHARS = 40
 MIN_QUERY_WORDS = 4
@@ -150,18 +151,7 @@ def _pick_queries(doc_ids: list[str], docs: list[StdlibDoc], n_queries: int, see
 
 
 def _atomic_write(path: str, data: str) -> None:
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    fsio.write_bytes_atomic(path, data.encode("utf-8"))
 
 
 def _jsonl(rows: list[dict]) -> str:

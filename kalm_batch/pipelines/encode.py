@@ -20,7 +20,6 @@ import pyarrow as pa
 from pydantic import BaseModel, Field
 
 from kalm_batch import fsio
-from kalm_batch.codec import CODEC_DTYPES
 from kalm_batch.corpus import JOIN_MODES, CorpusFormat, list_corpus_files
 from kalm_batch.model import DEFAULT_MODEL
 from kalm_batch.pipelines import encode_stages as S
