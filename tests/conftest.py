@@ -61,3 +61,15 @@ def tiny_model_dir(tmp_path_factory):
     from kalm_batch.tiny import write_random_model
 
     return write_random_model(tmp_path_factory.mktemp("tiny-model") / "model", shape="tiny", seed=0)
+
+
+# =============================================================================== hypothesis
+# Keep hypothesis's example database and constants out of the working tree (tests never write to the cwd).
+
+
+def pytest_configure(config):
+    import tempfile
+
+    from hypothesis import configuration
+
+    configuration.set_hypothesis_home_dir(tempfile.mkdtemp(prefix="kalm-hypothesis-"))
