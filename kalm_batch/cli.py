@@ -76,8 +76,7 @@ def _inspect(ns) -> int:
 def _rerank(ns) -> int:
     from kalm_batch.pipelines.rerank import config_from_args, run_rerank
 
-    summary = run_rerank(config_from_args(ns))
-    print(summary.model_dump_json(indent=2) if hasattr(summary, "model_dump_json") else summary)
+    print(run_rerank(config_from_args(ns)).table())
     return 0
 
 
