@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -96,12 +97,37 @@ def resolve_model_dir(model_name_or_path: str, revision: str | None = None) -> t
     return Path(local), Path(local).name  # the snapshot folder is named by the commit hash
 
 
+_DIGEST_CACHE = Path(os.environ.get("KALM_CACHE_DIR", Path.home() / ".cache" / "kalm_batch")) / "file-digests.json"
+
+
+def _file_digest(p: Path) -> str:
+    """sha256 of a file, remembered by (path, size, mtime) so actors do not re-hash a multi-GB checkpoint."""
+    st = p.stat()
+    key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        cache = json.loads(_DIGEST_CACHE.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    with open(p, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    cache[key] = digest
+    try:
+        _DIGEST_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _DIGEST_CACHE.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, _DIGEST_CACHE)
+    except OSError:
+        pass  # a read-only home only costs a re-hash next time
+    return digest
+
+
 def _sha256_of(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in sorted(paths):
         h.update(p.name.encode())
-        with open(p, "rb") as f:
-            h.update(hashlib.file_digest(f, "sha256").digest())
+        h.update(bytes.fromhex(_file_digest(p)))
     return h.hexdigest()
 
 
