@@ -1,0 +1,240 @@
+"""Pydantic models of the online rerank endpoint: server config, the wire formats it speaks, and the internal job.
+
+Wire formats (requests are validated strictly: a wrong JSON type is a 422, unknown fields are ignored so that clients
+of the common rerank APIs can send their usual extras):
+
+* Cohere v2 ``POST /v2/rerank``: ``model``, ``query``, ``documents`` (strings), ``top_n``, ``max_tokens_per_doc``.
+* Jina ``POST /v1/rerank``: ``model``, ``query``, ``documents`` (strings or ``{"text": ...}``), ``top_n``,
+  ``return_documents``.
+* TEI ``POST /rerank``: ``query``, ``texts``, ``raw_scores``, ``return_text``, ``truncate``.
+* ``POST /score``: ``pairs`` of ``{id?, query, document | document_id}``, or ``query`` + ``documents`` /
+  ``document_ids``; ``return_margin``.
+
+The kalm extension, accepted by every route: ``document_ids`` (memories from the store) instead of texts,
+``instruction`` and ``ratio`` (a multiple of the store's r0). ``ScoreJob`` / ``ScoreOutcome`` travel between the
+ingress and the scorer deployments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# ----------------------------------------------------------------------------------------------- server config
+
+
+class ServeConfig(BaseModel):
+    """Everything ``kalm-batch serve`` / ``app_builder`` needs to run the endpoint."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="model directory or hub id; must match the store's fingerprint")
+    store: str = Field(description="memory store URL (file://, s3://, or a local path)")
+    host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port of the Serve proxy")
+    replicas: int = Field(1, ge=1, description="number of scorer replicas")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per scorer replica (fractional allowed)")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per scorer replica (fractional; never more than "
+                                                   "the cluster has, or the replica never schedules)")
+    ingress_num_cpus: float = Field(0.1, gt=0, description="CPUs reserved per ingress replica")
+    ingress_max_ongoing_requests: int = Field(512, ge=1, description="concurrent requests one ingress replica "
+                                                                    "accepts (Serve's default of 5 would starve "
+                                                                    "the scorer's batches)")
+    dtype: str | None = Field(None, description="scorer dtype: float32, bfloat16, float16 (default: bf16 on "
+                                                "CUDA, float32 on CPU)")
+    device: str | None = Field(None, description="torch device for the scorer (default: cuda if present, else cpu)")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads in each scorer replica "
+                                                              "(default: what Ray sets from num_cpus)")
+    max_documents: int = Field(1000, ge=1, description="most documents (or pairs) one request may carry (413)")
+    max_query_chars: int = Field(20000, ge=1, description="longest query, in characters (413)")
+    max_batch_size: int = Field(64, ge=1, description="most request chunks one scorer batch gathers (user_config)")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill (user_config)")
+    max_pairs_per_batch: int = Field(256, ge=1, description="most (query, memory) pairs per scorer batch; larger "
+                                                            "requests are split into chunks (user_config)")
+    max_tokens_per_batch: int = Field(32768, ge=1, description="padded tokens per decoder forward inside a batch")
+    cache_bytes: int = Field(256 * 2**20, ge=0, description="store reader LRU cache (decoded memories), bytes")
+    text_cache_bytes: int = Field(64 * 2**20, ge=0, description="raw-text memory LRU cache (by sha256), bytes")
+    max_constructor_retries: int = Field(3, ge=1, description="how often Serve retries a failing scorer "
+                                                             "constructor before the deployment fails")
+    allow_mismatch: bool = Field(False, description="serve even if the store was made with another model")
+    storage_options: dict[str, Any] | None = Field(None, description="fsspec options for the store URL")
+    app_name: str = Field("kalm", description="Serve application name")
+    route_prefix: str = Field("/", description="Serve route prefix of the application")
+
+    def batching(self) -> dict:
+        """The scorer's ``user_config`` (tunable without restarting replicas)."""
+        return {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s,
+                "max_pairs_per_batch": self.max_pairs_per_batch}
+
+
+class BatchingConfig(BaseModel):
+    """The scorer's ``user_config``; validated in ``reconfigure``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(64, ge=1, description="most request chunks per batch")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="seconds a batch waits to fill")
+    max_pairs_per_batch: int = Field(256, ge=1, description="most pairs per batch")
+
+
+# ----------------------------------------------------------------------------------------------- requests
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", protected_namespaces=())
+
+    document_ids: list[str] | None = Field(None, description="kalm: store doc ids, instead of document texts")
+    instruction: str | None = Field(None, description="kalm: task instruction (default: the model's)")
+    ratio: int | None = Field(None, description="kalm: pooling ratio, a multiple of the store's r0")
+
+
+class CohereRerankRequest(_Request):
+    model: str | None = Field(None, description="accepted for compatibility; the served model is used")
+    query: str
+    documents: list[str] | None = None
+    top_n: int | None = Field(None, ge=1)
+    max_tokens_per_doc: int | None = Field(None, ge=1, description="truncates raw texts (encoder tokens)")
+
+
+class JinaDocument(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    text: str
+
+
+class JinaRerankRequest(_Request):
+    model: str | None = Field(None, description="accepted for compatibility; the served model is used")
+    query: str
+    documents: list[str | JinaDocument] | None = None
+    top_n: int | None = Field(None, ge=1)
+    return_documents: bool = True
+
+
+class TEIRerankRequest(_Request):
+    query: str
+    texts: list[str] | None = None
+    raw_scores: bool = Field(False, description="return the yes-no logit margin instead of P(yes)")
+    return_text: bool = False
+    truncate: bool = Field(False, description="false: a text longer than the model's max_length is a 413")
+
+
+class ScorePair(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    id: str | None = Field(None, description="echoed back in the result")
+    query: str
+    document: str | None = None
+    document_id: str | None = None
+
+
+class ScoreRequest(_Request):
+    model: str | None = None
+    pairs: list[ScorePair] | None = None
+    query: str | None = None
+    documents: list[str] | None = None
+    return_margin: bool = False
+
+
+# ----------------------------------------------------------------------------------------------- responses
+
+
+class CohereResult(BaseModel):
+    index: int
+    relevance_score: float
+
+
+class CohereRerankResponse(BaseModel):
+    id: str
+    results: list[CohereResult]
+    meta: dict[str, Any]
+
+
+class JinaResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: dict[str, str] | None = None
+
+
+class JinaRerankResponse(BaseModel):
+    model: str
+    usage: dict[str, int]
+    results: list[JinaResult]
+
+
+class TEIResult(BaseModel):
+    index: int
+    score: float
+    text: str | None = None
+
+
+class ScoreResult(BaseModel):
+    index: int
+    id: str | None = None
+    score: float
+    margin: float | None = None
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    results: list[ScoreResult]
+    usage: dict[str, int]
+
+
+class ErrorBody(BaseModel):
+    error: str
+    error_type: str
+    request_id: str | None = None
+    details: dict[str, Any] | None = None
+
+
+# ----------------------------------------------------------------------------------------------- internal job
+
+
+@dataclass(frozen=True)
+class DocRef:
+    """One document of a job: a store doc id (``kind="id"``) or a raw text (``kind="text"``)."""
+
+    kind: Literal["id", "text"]
+    value: str
+
+
+@dataclass
+class ScoreJob:
+    """Pairs ``(queries[i], docs[i])`` to score; built by the ingress, run by the scorer."""
+
+    queries: list[str]
+    docs: list[DocRef]
+    instruction: str | None = None
+    ratio: int | None = None
+    max_doc_tokens: int | None = None      # truncate raw texts to this many encoder tokens (prefix included)
+    reject_overlong: bool = False          # TEI truncate=false: a raw text longer than max_length is a 413
+    request_id: str | None = None
+
+
+@dataclass
+class ErrorInfo:
+    status: int
+    error_type: str
+    message: str
+    details: dict[str, Any] | None = None
+
+
+@dataclass
+class ScoreOutcome:
+    """Scores in pair order, or the client/store error that stopped the job."""
+
+    p_yes: list[float] = field(default_factory=list)
+    margin: list[float] = field(default_factory=list)
+    doc_tokens: list[int] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
+    ratio: int | None = None
+    model_id: str = ""
+    error: ErrorInfo | None = None
+
+
+class ApiError(Exception):
+    """A request the server refuses: rendered as ``ErrorBody`` with ``status``."""
+
+    def __init__(self, status: int, error_type: str, message: str, details: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.info = ErrorInfo(status, error_type, message, details)
