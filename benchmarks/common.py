@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +49,9 @@ def machine() -> str:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from kalm_batch.pipelines.cluster import process_peak_rss_mb
+
+    return process_peak_rss_mb()
 
 
 def run_child(args: list[str]) -> str:

@@ -25,20 +25,38 @@ NANO_TEXT_SHAPE = dict(  # google/t5gemma-2-270m-270m text config (see shared/NA
 )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(words=()) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with Gemma's special tokens. With ``words`` (ASCII), a byte-level Unigram model instead whose
+    vocabulary also holds each word (bare and space-prefixed) as one token, for realistic sequence lengths."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for ch in alphabet:
         vocab[ch] = len(vocab)
     for a, b in _MERGES:
         vocab[a + b] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=_MERGES))
+    if words:
+        pieces = [(t, -10.0) for t in vocab] + [(w, -1.0) for word in words for w in (word, "Ġ" + word)]
+        tok = Tokenizer(models.Unigram(list(dict(pieces).items()), unk_id=vocab["<unk>"]))
+    else:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=_MERGES))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
         extra_special_tokens=["<start_of_turn>", "<end_of_turn>"], padding_side="right",
     )
+
+
+def _nano_words() -> list[str]:
+    """Words of the prompt template and of common English/docstring text: with them the Nano-shape benchmark model
+    sees prompts of about the length Gemma's tokenizer gives (~1 token per word), not one token per byte."""
+    from kalm_batch.prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_INSTRUCTION
+
+    text = DEFAULT_SYSTEM_INSTRUCTION + " " + DEFAULT_INSTRUCTION + " Document Instruct Query user model " + (
+        "the of and to in is a that for it as with be on by this are or an not from at which return returns "
+        "if file line read how do I strip newline characters value object function class module list string "
+        "default none true false name data type new set get all one when can may will use used path error")
+    return sorted({w.strip('.,:"<>()') for w in text.split() if w.strip('.,:"<>()').isascii()} - {""})
 
 
 def _tiny_text(vocab_size: int) -> dict:
@@ -74,7 +92,7 @@ def write_random_model(out_dir: str | Path, shape: str = "tiny", seed: int = 0,
     """Write a random-weight T5Gemma2 checkpoint and the byte-level tokenizer to ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(_nano_words() if shape == "nano" else ())
     vocab = len(tokenizer) + 16 if shape == "tiny" else NANO_TEXT_SHAPE["vocab_size"]
     torch.manual_seed(seed)
     model = T5Gemma2ForConditionalGeneration(build_config(shape, vocab)).to(dtype)

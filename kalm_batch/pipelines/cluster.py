@@ -57,3 +57,17 @@ def actor_resources(gpus_per_worker: float | None, workers: int) -> dict:
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     share = max(0.1, min(1.0, (cpus * 0.5) / max(1, workers)))
     return {"num_cpus": round(share, 2)}
+
+
+def process_peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; unlike ru_maxrss it is not inherited across fork+exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

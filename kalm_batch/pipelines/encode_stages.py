@@ -6,7 +6,6 @@ read (CPU tasks) -> plan (driver: duplicates, already-stored ids) -> tokenize (C
 
 from __future__ import annotations
 
-import resource
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,6 +13,7 @@ import pyarrow as pa
 
 from kalm_batch.batching import PaddingStats
 from kalm_batch.corpus import CorpusFormat, Passage, read_corpus_file
+from kalm_batch.pipelines.cluster import process_peak_rss_mb
 from kalm_batch.store.writer import SHARD_SCHEMA, memory_table, text_hash, write_shard
 
 ROW_COLUMNS = ("doc_id", "text", "source", "line", "file_index", "reason", "raw")
@@ -124,7 +124,7 @@ class EncodeRows:
         out["truncated"] = np.asarray(batch["truncated"], dtype=bool)
         # padding accounting per batch, spread over its rows so Ray Data can sum it downstream
         out["padded_positions"] = np.full(n, stats.total_tokens / max(n, 1), dtype=np.float64)
-        out["worker_rss_mb"] = np.full(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        out["worker_rss_mb"] = np.full(n, process_peak_rss_mb())
         return out
 
 
