@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-import typing
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
 from kalm_batch import fsio
 from kalm_batch.cascade import Stage, final_ranking, plan_stages, select_top
+from kalm_batch.cliutil import add_model_arguments, model_from_args
 from kalm_batch.model import DEFAULT_MODEL
 from kalm_batch.pipelines import rerank_stages as S
 from kalm_batch.querylog import join_queries, read_candidates, read_queries, top_k
@@ -95,38 +95,15 @@ class RerankSummary(BaseModel):
 
 
 # ----- flags ---------------------------------------------------------------------------------------------------
-_NOT_FLAGS = {"storage_options"}
-
-
-def _flag_type(annotation) -> tuple[type, tuple | None]:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
-    if typing.get_origin(args[0]) is Literal:
-        return str, typing.get_args(args[0])
-    if typing.get_origin(annotation) is Literal:
-        return str, typing.get_args(annotation)
-    return args[0], None
-
-
 def add_rerank_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add one flag per RerankConfig field (``--top-k`` for ``top_k``...), help from the field descriptions."""
-    for name, field in RerankConfig.model_fields.items():
-        if name in _NOT_FLAGS:
-            continue
-        flag = "--" + name.replace("_", "-")
-        if field.annotation is bool:
-            parser.add_argument(flag, action="store_true", help=field.description)
-            continue
-        kind, choices = _flag_type(field.annotation)
-        shown = "" if field.is_required() or field.default is None else f" (default: {field.default})"
-        parser.add_argument(flag, type=kind, choices=choices, required=field.is_required(), default=None,
-                            help=f"{field.description}{shown}")
+    """One flag per RerankConfig field (``--top-k`` for ``top_k``...), help from the field descriptions."""
+    add_model_arguments(parser, RerankConfig)
     return parser
 
 
 def config_from_args(ns: argparse.Namespace) -> RerankConfig:
-    """A RerankConfig from parsed flags; flags left unset keep the config defaults."""
-    values = {n: getattr(ns, n) for n in RerankConfig.model_fields if n not in _NOT_FLAGS and hasattr(ns, n)}
-    return RerankConfig(**{n: v for n, v in values.items() if v is not None and v is not False})
+    """A RerankConfig from parsed flags (the same helper every kalm-batch config uses)."""
+    return model_from_args(RerankConfig, ns)
 
 
 # ----- the job -------------------------------------------------------------------------------------------------
