@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-tokens-per-batch", type=int, default=8192)
+    p.add_argument("--rows-per-task", type=int, default=256, help="passages per encoder-actor call (sorted within)")
     a = p.parse_args()
 
     from kalm_batch import KaLMReranker
@@ -77,7 +78,8 @@ def main() -> None:
     init_ray(None)  # a cluster is already up when a job is submitted; its start-up is not the job's cost
     job = run_encode(EncodeConfig(model=str(model), corpus=sample.corpus_path, store=f"{work}/store",
                                   model_dtype=a.dtype, dtype="bfloat16", max_length=a.max_length,
-                                  max_tokens_per_batch=a.max_tokens_per_batch, batch_size=64, rows_per_task=64,
+                                  max_tokens_per_batch=a.max_tokens_per_batch, batch_size=64,
+                                  rows_per_task=a.rows_per_task,
                                   shard_rows=256))
     res = {
         "machine": machine(), "docs": len(ids), "tokens": tokens, "max_length": a.max_length, "dtype": a.dtype,
