@@ -76,7 +76,7 @@ def test_encode_sample_corpus_to_local_store(tiny_model_dir, sample, tmp_path):
     m = load_manifest(store)
     assert m.rows == len(texts) and sum(s.rows for s in m.shards) == m.rows and len(m.shards) >= 3
     assert m.settings.ratio == 4 and m.settings.dtype == "float32" and m.settings.max_length == MAX_LEN
-    assert m.input["input_rows"] == m.input["stored_new"] + m.input["rejected"]
+    assert m.input["input_rows"] == m.input["stored_new"] + m.input["rejected"] and m.input["files"] == 1
     _assert_store_matches_core(store, tiny_model_dir, texts)
     assert open_store(store).verify()["records_corrupt"] == 0
 

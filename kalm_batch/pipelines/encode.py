@@ -173,10 +173,10 @@ def run_encode(cfg: EncodeConfig) -> EncodeSummary:
     to_encode = plan.good_rows - len(plan.duplicates) - len(plan.skip)
     shard_rows = _encode_pipeline(cfg, rows, ray.put(plan.drop)).take_all() if to_encode else []
     errors_url = write_errors(cfg.store, rejected, cfg.storage_options)
-    return _finish(cfg, settings, start, ids.num_rows, plan, rejected, shard_rows, errors_url)
+    return _finish(cfg, settings, start, len(files), ids.num_rows, plan, rejected, shard_rows, errors_url)
 
 
-def _finish(cfg, settings, start, input_rows, plan, rejected, shard_rows, errors_url) -> EncodeSummary:
+def _finish(cfg, settings, start, n_files, input_rows, plan, rejected, shard_rows, errors_url) -> EncodeSummary:
     by_reason: dict[str, int] = {}
     for r in rejected:
         by_reason[_reason_kind(r["reason"])] = by_reason.get(_reason_kind(r["reason"]), 0) + 1
@@ -184,7 +184,7 @@ def _finish(cfg, settings, start, input_rows, plan, rejected, shard_rows, errors
     stored_new = sum(r["rows"] for r in shard_rows)
     tokens = sum(r["tokens"] for r in shard_rows)
     padded = sum(r["padded_positions"] for r in shard_rows)
-    stats = {"corpus": cfg.corpus, "files": None, "input_rows": input_rows, "stored_new": stored_new,
+    stats = {"corpus": cfg.corpus, "files": n_files, "input_rows": input_rows, "stored_new": stored_new,
              "skipped_existing": len(plan.skip), "rejected": len(rejected), "rejected_by_reason": by_reason,
              "truncated": sum(r["truncated"] for r in shard_rows), "text_join": cfg.join,
              "errors_file": errors_url}
