@@ -1,23 +1,35 @@
 """kalm-batch: encode corpora once into KaLM-Reranker-V1 passage memories, rerank from them offline and online.
 
-The promise is this short list; everything else is importable but may change.
+The promise is this short list; everything else is importable but may change. Names are resolved lazily (PEP 562)
+so that light modules (corpus reading, shard writing) run in Ray workers without importing torch or transformers.
 """
 
 from __future__ import annotations
 
-from kalm_batch.model import DEFAULT_MODEL, CheckpointError, ModelFingerprint
-from kalm_batch.pooling import ALLOWED_RATIOS, coarsen, mep_pool
-from kalm_batch.prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_INSTRUCTION
-from kalm_batch.reranker import KaLMReranker, Memory, Scores
+import importlib
 
 __version__ = "0.1.0"
 
+_EXPORTS = {
+    "ALLOWED_RATIOS": "kalm_batch.pooling",
+    "CheckpointError": "kalm_batch.model",
+    "DEFAULT_INSTRUCTION": "kalm_batch.prompts",
+    "DEFAULT_MODEL": "kalm_batch.model",
+    "DEFAULT_SYSTEM_INSTRUCTION": "kalm_batch.prompts",
+    "KaLMReranker": "kalm_batch.reranker",
+    "Memory": "kalm_batch.reranker",
+    "ModelFingerprint": "kalm_batch.model",
+    "Scores": "kalm_batch.reranker",
+    "coarsen": "kalm_batch.pooling",
+    "mep_pool": "kalm_batch.pooling",
+}
+
 __all__ = [
     "ALLOWED_RATIOS",
-    "CheckpointError",
     "DEFAULT_INSTRUCTION",
     "DEFAULT_MODEL",
     "DEFAULT_SYSTEM_INSTRUCTION",
+    "CheckpointError",
     "KaLMReranker",
     "Memory",
     "ModelFingerprint",
@@ -26,3 +38,15 @@ __all__ = [
     "coarsen",
     "mep_pool",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'kalm_batch' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

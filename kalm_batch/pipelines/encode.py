@@ -16,7 +16,6 @@ import os
 import time
 from typing import Literal
 
-import pyarrow as pa
 from pydantic import BaseModel, Field
 
 from kalm_batch import fsio
@@ -24,9 +23,8 @@ from kalm_batch.corpus import JOIN_MODES, CorpusFormat, list_corpus_files
 from kalm_batch.model import DEFAULT_MODEL
 from kalm_batch.pipelines import encode_stages as S
 from kalm_batch.pipelines.cluster import actor_resources, init_ray, stage_remote_args
-from kalm_batch.store.manifest import Manifest, StoreError
+from kalm_batch.store.manifest import Manifest, ShardInfo, StoreError
 from kalm_batch.store.writer import finalize_store, prepare_store, settings_for, write_errors
-from kalm_batch.store.manifest import ShardInfo
 
 log = logging.getLogger(__name__)
 
@@ -95,21 +93,36 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0].split("(", 1)[0].strip()[:60]
 
 
-def _read_rows(cfg: EncodeConfig, files: list[str]):
+def _format(cfg: EncodeConfig) -> CorpusFormat:
+    return CorpusFormat(id_field=cfg.id_field, text_field=cfg.text_field, title_field=cfg.title_field, join=cfg.join)
+
+
+def _launch_plan(cfg: EncodeConfig, files: list[str], committed: set[str]):
+    """The ids pass (one task per file) and the plan built from it, launched without waiting: (drop_ref, plan_ref).
+
+    Plain Ray tasks rather than a Ray Data execution on purpose: a Ray Data execution blocks the driver, and this pass
+    must run while the streaming pipeline below starts its encoder actors (process start, imports and model load are
+    the job's largest fixed cost on small corpora).
+    """
     import ray
 
-    fmt = CorpusFormat(id_field=cfg.id_field, text_field=cfg.text_field, title_field=cfg.title_field, join=cfg.join)
-    items = [{"url": u, "file_index": i} for i, u in enumerate(files)]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    return ds.flat_map(S.read_file_rows, fn_kwargs={"fmt": fmt, "storage_options": cfg.storage_options},
-                       num_cpus=0.25, **stage_remote_args()).materialize()
+    remote = {"num_cpus": 0.25, **stage_remote_args()}
+    read_ids = ray.remote(S.read_file_ids).options(**remote)
+    id_refs = [read_ids.remote(url, i, _format(cfg), cfg.storage_options) for i, url in enumerate(files)]
+    plan = ray.remote(S.plan_from_id_tables).options(num_returns=2, **remote)
+    return plan.remote(ray.put(committed), files, *id_refs)
 
 
-def _encode_pipeline(cfg: EncodeConfig, rows, drop_ref):
+def _encode_pipeline(cfg: EncodeConfig, files: list[str], drop_ref):
+    """read -> keep (waits for the plan) -> tokenize -> encode -> write: one streaming Ray Data execution."""
     import ray
 
     res = actor_resources(cfg.gpus_per_worker, cfg.workers)
     remote = stage_remote_args()
+    items = [{"url": u, "file_index": i} for i, u in enumerate(files)]
+    rows = ray.data.from_items(items, override_num_blocks=max(1, len(items))).flat_map(
+        S.read_file_rows, fn_kwargs={"fmt": _format(cfg), "storage_options": cfg.storage_options},
+        num_cpus=0.25, **remote)
     keep = rows.map_batches(_keep_rows, fn_kwargs={"drop_ref": drop_ref}, batch_format="numpy", num_cpus=0.25)
     tokens = keep.map_batches(
         S.TokenizeRows, fn_constructor_kwargs={"model": cfg.model, "max_length": cfg.max_length},
@@ -121,8 +134,10 @@ def _encode_pipeline(cfg: EncodeConfig, rows, drop_ref):
                                    dtype=cfg.model_dtype, codec_dtype=cfg.dtype, level=cfg.level,
                                    max_tokens_per_batch=cfg.max_tokens_per_batch, batch_size=cfg.batch_size,
                                    cpu_threads=cfg.cpu_threads or max(1, (os.cpu_count() or 1) // cfg.workers)))
-    return encoded.map_batches(S.write_shard_batch, batch_size=cfg.shard_rows, batch_format="numpy", num_cpus=0.25,
-                               fn_kwargs={"store_url": cfg.store, "storage_options": cfg.storage_options}, **remote)
+    return encoded.map_batches(
+        S.WriteShards, batch_size=cfg.shard_rows, batch_format="numpy", num_cpus=0.25,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.workers),
+        fn_constructor_kwargs={"store_url": cfg.store, "storage_options": cfg.storage_options}, **remote)
 
 
 _DROP_CACHE: dict = {}
@@ -138,17 +153,13 @@ def _keep_rows(batch: dict, drop_ref) -> dict:
     return S.keep_rows(batch, _DROP_CACHE[key])
 
 
-def _rejections(rows) -> list[dict]:
-    """Rows the readers rejected (bad JSON, missing fields, unreadable files...), for errors/rejected.jsonl."""
-    from ray.data.expressions import col
-
-    bad = rows.filter(expr=col("reason") != "").take_all()
-    return [{"source": r["source"], "line": r["line"], "doc_id": r["doc_id"], "reason": r["reason"],
-             "raw": r["raw"] or None} for r in bad]
-
-
 def run_encode(cfg: EncodeConfig) -> EncodeSummary:
-    """Run the whole job (local Ray unless ``cfg.address``); returns the summary, the store is committed."""
+    """Run the whole job (local Ray unless ``cfg.address``); returns the summary, the store is committed.
+
+    The corpus is read twice: an ids pass that plans duplicates and resumption, and the streaming pass that encodes.
+    On a fresh store both start at once (the keep stage waits for the plan while the encoder actors load); when
+    resuming, the plan comes first so that a run with nothing left to do starts no encoder at all.
+    """
     import ray
 
     from kalm_batch.reranker import KaLMReranker
@@ -159,24 +170,22 @@ def run_encode(cfg: EncodeConfig) -> EncodeSummary:
     settings = settings_for(probe, dtype=cfg.dtype, text_join=cfg.join)
     committed = prepare_store(cfg.store, settings, overwrite=cfg.overwrite, storage_options=cfg.storage_options)
     init_ray(cfg.address, num_cpus=cfg.num_cpus)
-    rows = _read_rows(cfg, files)
-    ids = pa.concat_tables([ray.get(r) for r in rows.select_columns(
-        ["doc_id", "source", "line", "file_index", "reason"]).to_arrow_refs()], promote_options="default")
-    plan = S.plan_encode(ids, committed)
-    rejected = _rejections(rows)
-    for (fi, line), reason in sorted(plan.duplicates.items()):
-        rejected.append({"source": files[fi], "line": line, "doc_id": None, "reason": reason, "raw": None})
+    drop_ref, plan_ref = _launch_plan(cfg, files, committed)
+    plan: S.EncodePlan | None = None if not committed else ray.get(plan_ref)
+    shard_rows = []
+    if plan is None or plan.good_rows - len(plan.duplicates) - len(plan.skip) > 0:
+        shard_rows = _encode_pipeline(cfg, files, drop_ref).take_all()
+    plan = plan or ray.get(plan_ref)
     if plan.good_rows == 0:
-        write_errors(cfg.store, rejected, cfg.storage_options)
-        raise NoGoodRowsError(f"every one of the {ids.num_rows} input rows of {cfg.corpus} was rejected; nothing was "
-                              f"stored. See {fsio.join_url(cfg.store, 'errors/rejected.jsonl')} for the reasons.")
-    to_encode = plan.good_rows - len(plan.duplicates) - len(plan.skip)
-    shard_rows = _encode_pipeline(cfg, rows, ray.put(plan.drop)).take_all() if to_encode else []
-    errors_url = write_errors(cfg.store, rejected, cfg.storage_options)
-    return _finish(cfg, settings, start, len(files), ids.num_rows, plan, rejected, shard_rows, errors_url)
+        write_errors(cfg.store, plan.rejected, cfg.storage_options)
+        raise NoGoodRowsError(f"every one of the {plan.input_rows} input rows of {cfg.corpus} was rejected; nothing "
+                              f"was stored. See {fsio.join_url(cfg.store, 'errors/rejected.jsonl')} for the reasons.")
+    errors_url = write_errors(cfg.store, plan.rejected, cfg.storage_options)
+    return _finish(cfg, settings, start, len(files), plan, shard_rows, errors_url)
 
 
-def _finish(cfg, settings, start, n_files, input_rows, plan, rejected, shard_rows, errors_url) -> EncodeSummary:
+def _finish(cfg, settings, start, n_files, plan: S.EncodePlan, shard_rows, errors_url) -> EncodeSummary:
+    input_rows, rejected = plan.input_rows, plan.rejected
     by_reason: dict[str, int] = {}
     for r in rejected:
         by_reason[_reason_kind(r["reason"])] = by_reason.get(_reason_kind(r["reason"]), 0) + 1

@@ -1,7 +1,8 @@
 """The encode job's stages as plain callables (Ray Data runs them; tests can call them directly).
 
-read (CPU tasks) -> plan (driver: duplicates, already-stored ids) -> tokenize (CPU actors) -> encode + pool + codec
-(GPU/CPU actors, encoder half only) -> write shards (CPU tasks). Rows are dicts of columns (pandas-free numpy batches).
+ids pass (one CPU task per file) -> plan (duplicates, already-stored ids)
+read (CPU tasks) -> keep (waits for the plan) -> tokenize (CPU actors) -> encode + pool + codec (GPU/CPU actors,
+encoder half only) -> write shards (CPU actors). Rows are dicts of columns (pandas-free numpy batches).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from kalm_batch.batching import PaddingStats
 from kalm_batch.corpus import CorpusFormat, Passage, read_corpus_file
@@ -34,6 +36,26 @@ def read_file_rows(item: dict, fmt: CorpusFormat, storage_options: dict | None) 
     return rows
 
 
+def read_file_ids(url: str, file_index: int, fmt: CorpusFormat, storage_options: dict | None) -> pa.Table:
+    """The first pass over one file: every row's id, location and rejection reason, without the text."""
+    rows = read_file_rows({"url": url, "file_index": file_index}, fmt, storage_options)
+    return pa.table({
+        "doc_id": pa.array([r["doc_id"] for r in rows], pa.string()),
+        "source": pa.array([r["source"] for r in rows], pa.string()),
+        "line": pa.array([r["line"] for r in rows], pa.int64()),
+        "file_index": pa.array([r["file_index"] for r in rows], pa.int64()),
+        "reason": pa.array([r["reason"] for r in rows], pa.string()),
+        "raw": pa.array([r["raw"] for r in rows], pa.string()),
+    })
+
+
+def rejected_rows(ids: pa.Table) -> list[dict]:
+    """Rows the readers rejected (bad JSON, missing fields, unreadable files...), for errors/rejected.jsonl."""
+    bad = ids.filter(pc.not_equal(ids.column("reason"), "")).to_pylist()
+    return [{"source": r["source"], "line": r["line"], "doc_id": r["doc_id"], "reason": r["reason"],
+             "raw": r["raw"] or None} for r in bad]
+
+
 @dataclass
 class EncodePlan:
     """Decisions made on the driver from the ids alone: which rows are duplicates and which are already stored."""
@@ -41,17 +63,19 @@ class EncodePlan:
     duplicates: dict[tuple[int, int], str] = field(default_factory=dict)  # (file_index, line) -> reason
     skip: set[tuple[int, int]] = field(default_factory=set)               # rows already committed in the store
     good_rows: int = 0
+    input_rows: int = 0
+    rejected: list[dict] = field(default_factory=list)                    # reader rejections, then duplicates
 
     @property
     def drop(self) -> set[tuple[int, int]]:
         return set(self.duplicates) | self.skip
 
 
-def plan_encode(ids: pa.Table, committed: set[str]) -> EncodePlan:
+def plan_encode(ids: pa.Table, committed: set[str], files: list[str] | None = None) -> EncodePlan:
     """Keep the first occurrence of each doc id (by file, then line); later ones are rejected as duplicates."""
-    good = ids.filter(pa.compute.equal(ids.column("reason"), ""))
+    good = ids.filter(pc.equal(ids.column("reason"), ""))
     good = good.sort_by([("file_index", "ascending"), ("line", "ascending")])
-    plan = EncodePlan(good_rows=good.num_rows)
+    plan = EncodePlan(good_rows=good.num_rows, input_rows=ids.num_rows, rejected=rejected_rows(ids))
     first: dict[str, tuple[str, int]] = {}
     for doc_id, fi, line, source in zip(good.column("doc_id").to_pylist(), good.column("file_index").to_pylist(),
                                         good.column("line").to_pylist(), good.column("source").to_pylist()):
@@ -62,7 +86,16 @@ def plan_encode(ids: pa.Table, committed: set[str]) -> EncodePlan:
         first[doc_id] = (source, line)
         if doc_id in committed:
             plan.skip.add((fi, line))
+    for (fi, line), reason in sorted(plan.duplicates.items()):
+        source = files[fi] if files else f"file #{fi}"
+        plan.rejected.append({"source": source, "line": line, "doc_id": None, "reason": reason, "raw": None})
     return plan
+
+
+def plan_from_id_tables(committed: set[str], files: list[str], *tables: pa.Table) -> tuple[set, EncodePlan]:
+    """The plan from the first pass's per-file tables; returns (rows to drop, plan) so the drop set can travel alone."""
+    plan = plan_encode(pa.concat_tables(tables), committed, files)
+    return plan.drop, plan
 
 
 def keep_rows(batch: dict, drop: set[tuple[int, int]]) -> dict:
@@ -126,6 +159,16 @@ class EncodeRows:
         out["padded_positions"] = np.full(n, stats.total_tokens / max(n, 1), dtype=np.float64)
         out["worker_rss_mb"] = np.full(n, process_peak_rss_mb())
         return out
+
+
+class WriteShards:
+    """The shard writer as a small actor: it starts with the pipeline, so no process start-up sits at the job's tail."""
+
+    def __init__(self, store_url: str, storage_options: dict | None):
+        self.store_url, self.storage_options = store_url, storage_options
+
+    def __call__(self, batch: dict) -> dict:
+        return write_shard_batch(batch, self.store_url, self.storage_options)
 
 
 def write_shard_batch(batch: dict, store_url: str, storage_options: dict | None) -> dict:

@@ -1,14 +1,34 @@
-"""The memory store: Parquet shards of encoded passage memories, an index and a manifest (see storage/README.md)."""
+"""The memory store: Parquet shards of encoded passage memories, an index and a manifest (see storage/README.md).
+
+Names are resolved lazily so the writer (used by CPU-only Ray tasks) does not pull in the torch-based reader.
+"""
 
 from __future__ import annotations
 
-from kalm_batch.store.manifest import (
-    IncompleteStoreError, Manifest, StoreError, StoreMismatchError, StoreSettings, load_manifest,
-)
-from kalm_batch.store.reader import FetchResult, StoreReader, open_store
-from kalm_batch.store.writer import build_store
+import importlib
+
+_EXPORTS = {
+    "IncompleteStoreError": "kalm_batch.store.manifest",
+    "Manifest": "kalm_batch.store.manifest",
+    "StoreError": "kalm_batch.store.manifest",
+    "StoreMismatchError": "kalm_batch.store.manifest",
+    "StoreSettings": "kalm_batch.store.manifest",
+    "load_manifest": "kalm_batch.store.manifest",
+    "FetchResult": "kalm_batch.store.reader",
+    "StoreReader": "kalm_batch.store.reader",
+    "open_store": "kalm_batch.store.reader",
+    "build_store": "kalm_batch.store.writer",
+}
 
 __all__ = [
     "FetchResult", "IncompleteStoreError", "Manifest", "StoreError", "StoreMismatchError", "StoreReader",
     "StoreSettings", "build_store", "load_manifest", "open_store",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'kalm_batch.store' has no attribute {name!r}")
