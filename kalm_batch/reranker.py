@@ -196,25 +196,29 @@ class KaLMReranker:
         return Scores(p_yes, margin)
 
     def _collate_memories(self, memories: Sequence[Memory]) -> tuple[torch.Tensor, torch.Tensor]:
-        longest = max(m.vectors.shape[0] for m in memories)
-        mem = torch.zeros((len(memories), longest, self.hidden_size), dtype=self.dtype)
-        mask = torch.zeros((len(memories), longest), dtype=torch.long)
         for row, m in enumerate(memories):
             if m.vectors.ndim != 2 or m.vectors.shape[1] != self.hidden_size:
                 raise ValueError(f"memory {row} has shape {tuple(m.vectors.shape)}; this model needs [*, {self.hidden_size}]")
-            mem[row, : m.vectors.shape[0]] = m.vectors.to(self.dtype)
-            mask[row, : m.vectors.shape[0]] = 1
+        counts = torch.tensor([m.vectors.shape[0] for m in memories])
+        # one C-level copy (pad_sequence) instead of a Python loop of slice assignments: this runs under the GIL
+        # beside a serving event loop, so Python-level per-row work costs more than its own time
+        mem = torch.nn.utils.rnn.pad_sequence([m.vectors.to(self.dtype) for m in memories], batch_first=True)
+        mask = (torch.arange(mem.shape[1])[None, :] < counts[:, None]).long()
         return mem.to(self.device), mask.to(self.device)
 
     def _yes_no_logits(self, prompts: Sequence[Sequence[int]], memories: Sequence[Memory]) -> torch.Tensor:
         half = self.decoder_half
         lengths = torch.tensor([len(p) for p in prompts])
         width = round_up(int(lengths.max()), 8)  # the reference pads the decoder batch to a multiple of 8
-        ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        ids = np.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=np.int64)
+        unique: dict[int, np.ndarray] = {}  # pairs of one query share one prompt list: convert it once
         for row, p in enumerate(prompts):
-            ids[row, : len(p)] = torch.tensor(p)
-            mask[row, : len(p)] = 1
+            arr = unique.get(id(p))
+            if arr is None:
+                arr = unique[id(p)] = np.asarray(p, dtype=np.int64)
+            ids[row, : len(p)] = arr
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        ids = torch.from_numpy(ids)
         mem, mem_mask = self._collate_memories(memories)
         hidden = half.decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                               encoder_hidden_states=mem, encoder_attention_mask=mem_mask,
