@@ -6,7 +6,7 @@ so that light modules (corpus reading, shard writing) run in Ray workers without
 
 from __future__ import annotations
 
-import importlib
+from kalm_batch._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -40,13 +40,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'kalm_batch' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

@@ -5,7 +5,7 @@ Names are resolved lazily so the writer (used by CPU-only Ray tasks) does not pu
 
 from __future__ import annotations
 
-import importlib
+from kalm_batch._lazy import lazy_exports
 
 _EXPORTS = {
     "IncompleteStoreError": "kalm_batch.store.manifest",
@@ -26,9 +26,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'kalm_batch.store' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
