@@ -17,6 +17,7 @@ from kalm_batch import KaLMReranker, fsio
 from kalm_batch.pipelines.encode import EncodeConfig, NoGoodRowsError, run_encode
 from kalm_batch.sample import write_sample_corpus
 from kalm_batch.store import StoreMismatchError, load_manifest, open_store
+from kalm_batch.pipelines import encode_stages as S
 from kalm_batch.store.manifest import IncompleteStoreError
 
 pytestmark = [pytest.mark.ray]
@@ -83,6 +84,26 @@ def test_encode_sample_corpus_to_local_store(tiny_model_dir, sample, tmp_path):
     again = run_encode(_cfg(tiny_model_dir, sample.corpus_path, store))  # same command: nothing new
     assert again.stored_new == 0 and again.skipped_existing == len(texts)
     assert load_manifest(store).shards == m.shards
+
+
+def test_resume_reports_passages_whose_text_changed(tiny_model_dir, sample, tmp_path):
+    store = str(tmp_path / "store")
+    run_encode(_cfg(tiny_model_dir, sample.corpus_path, store))
+    rows = [json.loads(line) for line in Path(sample.corpus_path).read_text().splitlines()]
+    old_texts = _corpus_texts(sample.corpus_path)
+    rows[3]["text"] = rows[3]["text"] + " (edited)"
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = run_encode(_cfg(tiny_model_dir, str(edited), store))
+    assert summary.stored_new == 0 and summary.skipped_existing == len(rows)
+    assert summary.changed_since_stored == 1  # said out loud, not silently kept
+    changed = [json.loads(line) for line in (tmp_path / "store" / "errors" / "changed.jsonl").read_text().splitlines()]
+    assert [(c["doc_id"], c["line"], c["reason"]) for c in changed] == [(rows[3]["_id"], 4, S.CHANGED_TEXT)]
+    assert load_manifest(store).input["changed_since_stored"] == 1
+    _assert_store_matches_core(store, tiny_model_dir, old_texts)  # the store itself is unchanged
+    again = run_encode(_cfg(tiny_model_dir, sample.corpus_path, store))  # the original corpus: nothing changed
+    assert again.changed_since_stored == 0
+    assert (tmp_path / "store" / "errors" / "changed.jsonl").read_text() == ""
 
 
 @pytest.mark.s3

@@ -24,7 +24,7 @@ from kalm_batch.model import DEFAULT_MODEL
 from kalm_batch.pipelines import encode_stages as S
 from kalm_batch.pipelines.cluster import actor_resources, init_ray, stage_remote_args
 from kalm_batch.store.manifest import Manifest, ShardInfo, StoreError
-from kalm_batch.store.writer import finalize_store, prepare_store, settings_for, write_errors
+from kalm_batch.store.writer import CHANGED_FILE, finalize_store, prepare_store, settings_for, write_errors
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class EncodeSummary(BaseModel):
     input_rows: int
     stored_new: int
     skipped_existing: int
+    changed_since_stored: int = 0  # skipped ids whose text changed since they were stored (errors/changed.jsonl)
     rejected: int
     rejected_by_reason: dict[str, int]
     truncated: int
@@ -78,7 +79,7 @@ class EncodeSummary(BaseModel):
     errors_file: str
 
     def table(self) -> str:
-        keys = ["input_rows", "stored_new", "skipped_existing", "rejected", "truncated", "tokens", "seconds",
+        keys = ["input_rows", "stored_new", "skipped_existing", "changed_since_stored", "rejected", "truncated", "tokens", "seconds",
                 "docs_per_s", "tokens_per_s", "padding_ratio", "bytes_written", "bytes_per_doc", "store_rows",
                 "worker_peak_rss_mb"]
         width = max(map(len, keys))
@@ -97,7 +98,7 @@ def _format(cfg: EncodeConfig) -> CorpusFormat:
     return CorpusFormat(id_field=cfg.id_field, text_field=cfg.text_field, title_field=cfg.title_field, join=cfg.join)
 
 
-def _launch_plan(cfg: EncodeConfig, files: list[str], committed: set[str]):
+def _launch_plan(cfg: EncodeConfig, files: list[str], committed: dict[str, str]):
     """The ids pass (one task per file) and the plan built from it, launched without waiting: (drop_ref, plan_ref).
 
     Plain Ray tasks rather than a Ray Data execution on purpose: a Ray Data execution blocks the driver, and this pass
@@ -181,7 +182,17 @@ def run_encode(cfg: EncodeConfig) -> EncodeSummary:
         raise NoGoodRowsError(f"every one of the {plan.input_rows} input rows of {cfg.corpus} was rejected; nothing "
                               f"was stored. See {fsio.join_url(cfg.store, 'errors/rejected.jsonl')} for the reasons.")
     errors_url = write_errors(cfg.store, plan.rejected, cfg.storage_options)
+    _report_changed(cfg, plan)
     return _finish(cfg, settings, start, len(files), plan, shard_rows, errors_url)
+
+
+def _report_changed(cfg: EncodeConfig, plan: S.EncodePlan) -> None:
+    """Skipped ids whose text is not the text that was encoded: their stored memory is stale. Say so, never silently."""
+    url = write_errors(cfg.store, plan.changed, cfg.storage_options, name=CHANGED_FILE)
+    if plan.changed:
+        log.warning("%d passages are already stored under their id but their text has changed since (e.g. %r); their "
+                    "stored memories are stale and were NOT re-encoded. Listed in %s. Encode the corpus into a new "
+                    "store to refresh them.", len(plan.changed), plan.changed[0]["doc_id"], url)
 
 
 def _finish(cfg, settings, start, n_files, plan: S.EncodePlan, shard_rows, errors_url) -> EncodeSummary:
@@ -194,7 +205,8 @@ def _finish(cfg, settings, start, n_files, plan: S.EncodePlan, shard_rows, error
     tokens = sum(r["tokens"] for r in shard_rows)
     padded = sum(r["padded_positions"] for r in shard_rows)
     stats = {"corpus": cfg.corpus, "files": n_files, "input_rows": input_rows, "stored_new": stored_new,
-             "skipped_existing": len(plan.skip), "rejected": len(rejected), "rejected_by_reason": by_reason,
+             "skipped_existing": len(plan.skip), "changed_since_stored": len(plan.changed),
+             "rejected": len(rejected), "rejected_by_reason": by_reason,
              "truncated": sum(r["truncated"] for r in shard_rows), "text_join": cfg.join,
              "errors_file": errors_url}
     manifest: Manifest = finalize_store(cfg.store, settings, level=cfg.level, new_shards=new, input_stats=stats,
@@ -206,6 +218,7 @@ def _finish(cfg, settings, start, n_files, plan: S.EncodePlan, shard_rows, error
     mem_bytes = sum(r["memory_bytes"] for r in shard_rows)
     return EncodeSummary(
         store=cfg.store, input_rows=input_rows, stored_new=stored_new, skipped_existing=len(plan.skip),
+        changed_since_stored=len(plan.changed),
         rejected=len(rejected), rejected_by_reason=by_reason, truncated=stats["truncated"], tokens=tokens,
         seconds=round(secs, 3), docs_per_s=round(stored_new / secs, 2), tokens_per_s=round(tokens / secs, 1),
         padding_ratio=round(1 - tokens / padded, 4) if padded else 0.0,

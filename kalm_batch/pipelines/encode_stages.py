@@ -18,6 +18,8 @@ from kalm_batch.corpus import CorpusFormat, Passage, read_corpus_file
 from kalm_batch.pipelines.cluster import process_peak_rss_mb
 from kalm_batch.store.writer import SHARD_SCHEMA, memory_table, text_hash, write_shard
 
+CHANGED_TEXT = "text changed since it was stored"
+
 ROW_COLUMNS = ("doc_id", "text", "source", "line", "file_index", "reason", "raw")
 
 
@@ -46,6 +48,7 @@ def read_file_ids(url: str, file_index: int, fmt: CorpusFormat, storage_options:
         "file_index": pa.array([r["file_index"] for r in rows], pa.int64()),
         "reason": pa.array([r["reason"] for r in rows], pa.string()),
         "raw": pa.array([r["raw"] for r in rows], pa.string()),
+        "text_sha256": pa.array([text_hash(r["text"]) if r["text"] is not None else "" for r in rows], pa.string()),
     })
 
 
@@ -65,20 +68,27 @@ class EncodePlan:
     good_rows: int = 0
     input_rows: int = 0
     rejected: list[dict] = field(default_factory=list)                    # reader rejections, then duplicates
+    changed: list[dict] = field(default_factory=list)                     # skipped rows whose text is not the stored one
 
     @property
     def drop(self) -> set[tuple[int, int]]:
         return set(self.duplicates) | self.skip
 
 
-def plan_encode(ids: pa.Table, committed: set[str], files: list[str] | None = None) -> EncodePlan:
-    """Keep the first occurrence of each doc id (by file, then line); later ones are rejected as duplicates."""
+def plan_encode(ids: pa.Table, committed: dict[str, str], files: list[str] | None = None) -> EncodePlan:
+    """Keep the first occurrence of each doc id (by file, then line); later ones are rejected as duplicates.
+
+    ``committed`` maps the ids already in the store to their text hash: those rows are skipped, and the ones whose
+    text differs from what was encoded are listed in ``plan.changed`` (their stored memory is stale).
+    """
     good = ids.filter(pc.equal(ids.column("reason"), ""))
     good = good.sort_by([("file_index", "ascending"), ("line", "ascending")])
     plan = EncodePlan(good_rows=good.num_rows, input_rows=ids.num_rows, rejected=rejected_rows(ids))
     first: dict[str, tuple[str, int]] = {}
-    for doc_id, fi, line, source in zip(good.column("doc_id").to_pylist(), good.column("file_index").to_pylist(),
-                                        good.column("line").to_pylist(), good.column("source").to_pylist()):
+    hashes = good.column("text_sha256").to_pylist() if "text_sha256" in good.column_names else [None] * good.num_rows
+    for doc_id, fi, line, source, sha in zip(good.column("doc_id").to_pylist(), good.column("file_index").to_pylist(),
+                                             good.column("line").to_pylist(), good.column("source").to_pylist(),
+                                             hashes):
         if doc_id in first:
             src, ln = first[doc_id]
             plan.duplicates[(fi, line)] = f"duplicate doc_id {doc_id!r} (first seen at {src}:{ln}); kept the first"
@@ -86,13 +96,15 @@ def plan_encode(ids: pa.Table, committed: set[str], files: list[str] | None = No
         first[doc_id] = (source, line)
         if doc_id in committed:
             plan.skip.add((fi, line))
+            if sha and committed[doc_id] and committed[doc_id] != sha:
+                plan.changed.append({"source": source, "line": line, "doc_id": doc_id, "reason": CHANGED_TEXT})
     for (fi, line), reason in sorted(plan.duplicates.items()):
         source = files[fi] if files else f"file #{fi}"
         plan.rejected.append({"source": source, "line": line, "doc_id": None, "reason": reason, "raw": None})
     return plan
 
 
-def plan_from_id_tables(committed: set[str], files: list[str], *tables: pa.Table) -> tuple[set, EncodePlan]:
+def plan_from_id_tables(committed: dict[str, str], files: list[str], *tables: pa.Table) -> tuple[set, EncodePlan]:
     """The plan from the first pass's per-file tables; returns (rows to drop, plan) so the drop set can travel alone."""
     plan = plan_encode(pa.concat_tables(tables), committed, files)
     return plan.drop, plan

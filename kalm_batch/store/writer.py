@@ -2,7 +2,8 @@
 
 Protocol (see storage/README.md):
 1. ``prepare_store`` refuses a store made with other settings (unless overwriting), records this run's settings in
-   ``_settings.json`` and returns the doc ids already committed in ``shards/`` (a resume skips them).
+   ``_settings.json`` and returns the doc ids already committed in ``shards/`` with their text hashes (a resume
+   skips them and reports those whose text has changed since).
 2. Shards are written whole and atomically (local: temp file + rename; object stores: one PUT) under a name derived
    from their doc ids, so a retried task rewrites the same file instead of adding a duplicate.
 3. ``finalize_store`` lists every shard, drops rows whose doc id an earlier shard already holds (exactly once),
@@ -30,6 +31,7 @@ from kalm_batch.store.manifest import (
 
 SHARDS_DIR = "shards"
 ERRORS_FILE = "errors/rejected.jsonl"
+CHANGED_FILE = "errors/changed.jsonl"
 ROW_GROUP_ROWS = 64
 SHARD_SCHEMA = pa.schema([
     ("doc_id", pa.string()), ("n_tokens", pa.int32()), ("n_vectors", pa.int32()), ("memory", pa.binary()),
@@ -102,8 +104,8 @@ def clear_store(store_url: str, storage_options: dict | None = None) -> None:
 
 
 def prepare_store(store_url: str, settings: StoreSettings, *, overwrite: bool = False,
-                  storage_options: dict | None = None) -> set[str]:
-    """Check settings against what the store holds and return the doc ids already committed."""
+                  storage_options: dict | None = None) -> dict[str, str]:
+    """Check settings against what the store holds; return the doc ids already committed -> their text's hash."""
     existing = _stored_settings(store_url, storage_options)
     if existing is not None and existing.differences(settings):
         if not overwrite:
@@ -113,9 +115,9 @@ def prepare_store(store_url: str, settings: StoreSettings, *, overwrite: bool = 
                 "--overwrite to delete it and re-encode.")
         clear_store(store_url, storage_options)
     fsio.write_json_atomic(fsio.join_url(store_url, SETTINGS_NAME), settings.model_dump(), storage_options)
-    ids: set[str] = set()
-    for _, table in _read_shard_columns(store_url, ["doc_id"], storage_options):
-        ids.update(table.column("doc_id").to_pylist())
+    ids: dict[str, str] = {}
+    for _, table in _read_shard_columns(store_url, ["doc_id", "text_sha256"], storage_options):
+        ids.update(zip(table.column("doc_id").to_pylist(), table.column("text_sha256").to_pylist()))
     return ids
 
 
@@ -216,9 +218,10 @@ def finalize_store(store_url: str, settings: StoreSettings, *, level: int, new_s
     return manifest
 
 
-def write_errors(store_url: str, rejected: Sequence[dict], storage_options: dict | None = None) -> str:
+def write_errors(store_url: str, rejected: Sequence[dict], storage_options: dict | None = None, *,
+                 name: str = ERRORS_FILE) -> str:
     """All rejected input rows of the run, one JSON object per line (replaced as a whole each run)."""
-    url = fsio.join_url(store_url, ERRORS_FILE)
+    url = fsio.join_url(store_url, name)
     data = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rejected)
     fsio.write_bytes_atomic(url, data.encode("utf-8", "surrogatepass"), storage_options)
     return url
