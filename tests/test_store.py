@@ -431,7 +431,7 @@ def test_overwrite_replaces_the_store(tmp_path, reranker):
 def _crashed_run(url: str, rr: KaLMReranker, docs: dict[str, str], dtype: str = "bfloat16") -> None:
     """What a run leaves behind when it dies after committing a shard but before finalize_store."""
     settings = writer.settings_for(rr, dtype=dtype, text_join="as_given")
-    assert writer.prepare_store(url, settings) == set()
+    assert writer.prepare_store(url, settings) == {}  # nothing committed yet (ids -> text hashes)
     memories = rr.encode(list(docs.values()))
     table = writer.memory_table(list(docs), memories, [writer.text_hash(t) for t in docs.values()],
                                 ["<crashed>"] * len(docs), list(range(len(docs))), dtype, 3)
@@ -445,6 +445,8 @@ def test_a_crashed_run_is_refused_by_readers_and_resumed_exactly_once(root, rera
     with pytest.raises(IncompleteStoreError):
         open_store(url)
     crashed_shards = shard_urls(url)
+    settings = writer.settings_for(rr, dtype="bfloat16", text_join="as_given")
+    assert writer.prepare_store(url, settings) == {d: writer.text_hash(t) for d, t in committed.items()}
 
     m = build_store(url, rr, docs, shard_rows=4)
     assert (m.rows, m.input["stored_new"], m.input["skipped_existing"]) == (11, 7, 4)
