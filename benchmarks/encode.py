@@ -50,6 +50,21 @@ def naive(r, ids, batch: int = 32) -> float:
     return time.perf_counter() - t
 
 
+def settle_cluster(seconds: float = 10.0) -> None:
+    """Let a just-started local Ray finish booting its pre-started workers (a job submitted to a running cluster does
+    not pay for that): one no-op task per CPU, then a pause."""
+    import os
+
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def noop() -> None:
+        return None
+
+    ray.get([noop.remote() for _ in range(os.cpu_count() or 1)])
+    time.sleep(seconds)
+
+
 def measure(model, work: str, n_docs: int, a, with_naive: bool) -> dict:
     from kalm_batch import KaLMReranker
     from kalm_batch.pipelines.cluster import init_ray
@@ -66,6 +81,7 @@ def measure(model, work: str, n_docs: int, a, with_naive: bool) -> dict:
     t_naive = naive(r, ids) if with_naive else None
     del r
     init_ray(None)  # a cluster is already up when a job is submitted; its start-up is not the job's cost
+    settle_cluster()
     job = run_encode(EncodeConfig(model=str(model), corpus=sample.corpus_path, store=f"{work}/store-{n_docs}",
                                   model_dtype=a.dtype, dtype="bfloat16", max_length=a.max_length,
                                   max_tokens_per_batch=a.max_tokens_per_batch, batch_size=64,
