@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from kalm_batch import KaLMReranker, fsio
+from kalm_batch.pipelines import encode_stages as S
 from kalm_batch.pipelines.encode import EncodeConfig, NoGoodRowsError, run_encode
 from kalm_batch.sample import write_sample_corpus
 from kalm_batch.store import StoreMismatchError, load_manifest, open_store
-from kalm_batch.pipelines import encode_stages as S
 from kalm_batch.store.manifest import IncompleteStoreError
 
 pytestmark = [pytest.mark.ray]

@@ -79,8 +79,8 @@ class EncodeSummary(BaseModel):
     errors_file: str
 
     def table(self) -> str:
-        keys = ["input_rows", "stored_new", "skipped_existing", "changed_since_stored", "rejected", "truncated", "tokens", "seconds",
-                "docs_per_s", "tokens_per_s", "padding_ratio", "bytes_written", "bytes_per_doc", "store_rows",
+        keys = ["input_rows", "stored_new", "skipped_existing", "changed_since_stored", "rejected", "truncated",
+                "tokens", "seconds", "docs_per_s", "tokens_per_s", "padding_ratio", "bytes_written", "bytes_per_doc", "store_rows",
                 "worker_peak_rss_mb"]
         width = max(map(len, keys))
         return "\n".join(f"{k:<{width}}  {getattr(self, k)}" for k in keys)
@@ -174,7 +174,7 @@ def run_encode(cfg: EncodeConfig) -> EncodeSummary:
     drop_ref, plan_ref = _launch_plan(cfg, files, committed)
     plan: S.EncodePlan | None = None if not committed else ray.get(plan_ref)
     shard_rows = []
-    if plan is None or plan.good_rows - len(plan.duplicates) - len(plan.skip) > 0:
+    if plan is None or plan.to_encode > 0:
         shard_rows = _encode_pipeline(cfg, files, drop_ref).take_all()
     plan = plan or ray.get(plan_ref)
     if plan.good_rows == 0:

@@ -20,9 +20,6 @@ from kalm_batch.store.writer import SHARD_SCHEMA, memory_table, text_hash, write
 
 CHANGED_TEXT = "text changed since it was stored"
 
-ROW_COLUMNS = ("doc_id", "text", "source", "line", "file_index", "reason", "raw")
-
-
 def read_file_rows(item: dict, fmt: CorpusFormat, storage_options: dict | None) -> list[dict]:
     """Every row of one corpus file, good or rejected (``reason`` non-empty), tagged with its file index.
 
@@ -74,8 +71,12 @@ class EncodePlan:
     def drop(self) -> set[tuple[int, int]]:
         return set(self.duplicates) | self.skip
 
+    @property
+    def to_encode(self) -> int:
+        return self.good_rows - len(self.duplicates) - len(self.skip)
 
-def plan_encode(ids: pa.Table, committed: dict[str, str], files: list[str] | None = None) -> EncodePlan:
+
+def plan_encode(ids: pa.Table, committed: dict[str, str], files: list[str]) -> EncodePlan:
     """Keep the first occurrence of each doc id (by file, then line); later ones are rejected as duplicates.
 
     ``committed`` maps the ids already in the store to their text hash: those rows are skipped, and the ones whose
@@ -85,10 +86,8 @@ def plan_encode(ids: pa.Table, committed: dict[str, str], files: list[str] | Non
     good = good.sort_by([("file_index", "ascending"), ("line", "ascending")])
     plan = EncodePlan(good_rows=good.num_rows, input_rows=ids.num_rows, rejected=rejected_rows(ids))
     first: dict[str, tuple[str, int]] = {}
-    hashes = good.column("text_sha256").to_pylist() if "text_sha256" in good.column_names else [None] * good.num_rows
-    for doc_id, fi, line, source, sha in zip(good.column("doc_id").to_pylist(), good.column("file_index").to_pylist(),
-                                             good.column("line").to_pylist(), good.column("source").to_pylist(),
-                                             hashes):
+    for doc_id, fi, line, source, sha in zip(*(good.column(c).to_pylist() for c in (
+            "doc_id", "file_index", "line", "source", "text_sha256"))):
         if doc_id in first:
             src, ln = first[doc_id]
             plan.duplicates[(fi, line)] = f"duplicate doc_id {doc_id!r} (first seen at {src}:{ln}); kept the first"
@@ -96,11 +95,10 @@ def plan_encode(ids: pa.Table, committed: dict[str, str], files: list[str] | Non
         first[doc_id] = (source, line)
         if doc_id in committed:
             plan.skip.add((fi, line))
-            if sha and committed[doc_id] and committed[doc_id] != sha:
+            if committed[doc_id] and committed[doc_id] != sha:
                 plan.changed.append({"source": source, "line": line, "doc_id": doc_id, "reason": CHANGED_TEXT})
     for (fi, line), reason in sorted(plan.duplicates.items()):
-        source = files[fi] if files else f"file #{fi}"
-        plan.rejected.append({"source": source, "line": line, "doc_id": None, "reason": reason, "raw": None})
+        plan.rejected.append({"source": files[fi], "line": line, "doc_id": None, "reason": reason, "raw": None})
     return plan
 
 

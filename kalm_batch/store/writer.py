@@ -220,7 +220,7 @@ def finalize_store(store_url: str, settings: StoreSettings, *, level: int, new_s
 
 def write_errors(store_url: str, rejected: Sequence[dict], storage_options: dict | None = None, *,
                  name: str = ERRORS_FILE) -> str:
-    """All rejected input rows of the run, one JSON object per line (replaced as a whole each run)."""
+    """The run's rejected (or, with ``name=CHANGED_FILE``, changed) input rows as JSON lines, replaced as a whole."""
     url = fsio.join_url(store_url, name)
     data = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rejected)
     fsio.write_bytes_atomic(url, data.encode("utf-8", "surrogatepass"), storage_options)
