@@ -1,6 +1,7 @@
 """Benchmark: the whole encode job vs the bare encoder (the limit) vs a naive loop, Nano shape, CPU.
 
     python benchmarks/encode.py [--docs 200,800] [--max-length 512] [--dtype bfloat16]
+    python benchmarks/encode.py --window-table   # padding vs the encoder actor's sort window (tokenizer only)
 
 (1) `run_encode` end to end (local Ray, read -> tokenize -> encode -> codec -> Parquet shards -> manifest);
 (2) the encoder forward alone over the same passages in length-sorted token-budget batches, no I/O;
@@ -50,6 +51,31 @@ def naive(r, ids, batch: int = 32) -> float:
     return time.perf_counter() - t
 
 
+def padding_by_window(model, work: str, max_length: int, max_tokens: int, windows=(256, 512, 1024, 2048, 4096)) -> dict:
+    """Padded tokens when each window of passages (in arrival order) is sorted on its own, vs one global sort, over the
+    whole stdlib sample (no forward pass: it only needs the tokenizer). An encoder actor sorts one window per call."""
+    from kalm_batch import KaLMReranker
+    from kalm_batch.batching import token_budget_batches
+    from kalm_batch.sample import write_sample_corpus
+
+    sample = write_sample_corpus(f"{work}/sample-all", max_docs=100_000, n_queries=0)
+    r = KaLMReranker(str(model), max_length=max_length)
+    lengths = [len(x) for x in r.tokenize_documents(_texts(sample.corpus_path))]
+
+    def padded(window: int) -> int:
+        total = 0
+        for a in range(0, len(lengths), window):
+            part = lengths[a:a + window]
+            total += sum(max(part[i] for i in b) * len(b) for b in token_budget_batches(part, 64, max_tokens))
+        return total
+
+    best = padded(len(lengths))
+    return {"docs": len(lengths), "tokens": sum(lengths),
+            "global_padding_ratio": round(1 - sum(lengths) / best, 4),
+            "windows": {w: {"padding_ratio": round(1 - sum(lengths) / padded(w), 4),
+                            "padded_vs_global": round(padded(w) / best, 3)} for w in windows}}
+
+
 def settle_cluster(seconds: float = 10.0) -> None:
     """Let a just-started local Ray finish booting its pre-started workers (a job submitted to a running cluster does
     not pay for that): one no-op task per CPU, then a pause."""
@@ -90,7 +116,8 @@ def measure(model, work: str, n_docs: int, a, with_naive: bool) -> dict:
         "docs": len(ids), "tokens": tokens,
         "job": {"docs_per_s": job.docs_per_s, "tokens_per_s": job.tokens_per_s, "seconds": job.seconds,
                 "padding_ratio": job.padding_ratio, "bytes_per_doc": job.bytes_per_doc,
-                "worker_peak_rss_mb": job.worker_peak_rss_mb},
+                "worker_peak_rss_mb": job.worker_peak_rss_mb, "encoder_seconds": job.encoder_seconds,
+                "encoder_busy_share": job.encoder_busy_share, "encoder_load_seconds": job.encoder_load_seconds},
         "bare_sorted": {"docs_per_s": round(len(ids) / t_bare, 2), "tokens_per_s": round(tokens / t_bare, 1),
                         "seconds": round(t_bare, 2)},
     }
@@ -109,11 +136,16 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-tokens-per-batch", type=int, default=8192)
-    p.add_argument("--rows-per-task", type=int, default=256, help="passages per encoder-actor call (sorted within)")
+    p.add_argument("--window-table", action="store_true",
+                   help="only print padding vs the actor's sort window over the whole stdlib sample (no model run)")
+    p.add_argument("--rows-per-task", type=int, default=1024, help="passages per encoder-actor call (sorted within)")
     a = p.parse_args()
 
     model = nano_model_dir()
     work = tempfile.mkdtemp(prefix="kalm-bench-encode-")
+    if a.window_table:
+        print(json.dumps(padding_by_window(model, work, a.max_length, a.max_tokens_per_batch), indent=2))
+        return
     sizes = [int(x) for x in a.docs.split(",")]
     runs = [measure(model, work, n, a, with_naive=(i == 0)) for i, n in enumerate(sizes)]
     out = {"machine": machine(), "max_length": a.max_length, "dtype": a.dtype, "runs": runs}

@@ -74,6 +74,9 @@ def test_encode_sample_corpus_to_local_store(tiny_model_dir, sample, tmp_path):
     texts = _corpus_texts(sample.corpus_path)
     assert summary.input_rows == summary.stored_new == len(texts) and summary.rejected == 0
     assert summary.truncated > 0 and 0 <= summary.padding_ratio < 0.5
+    # the encoder actor's busy time is part of the job's time; its load time is reported on its own
+    assert 0 < summary.encoder_seconds <= summary.seconds and 0 < summary.encoder_busy_share <= 1
+    assert 0 < summary.encoder_load_seconds < summary.seconds
     m = load_manifest(store)
     assert m.rows == len(texts) and sum(s.rows for s in m.shards) == m.rows and len(m.shards) >= 3
     assert m.settings.ratio == 4 and m.settings.dtype == "float32" and m.settings.max_length == MAX_LEN

@@ -49,7 +49,8 @@ class EncodeConfig(BaseModel):
     gpus_per_worker: float | None = Field(None, description="GPUs per encoder actor (default: 1 if the cluster has GPUs)")
     max_tokens_per_batch: int = Field(16384, ge=1, description="padded-token budget per encoder forward")
     batch_size: int = Field(64, ge=1, description="max passages per encoder forward")
-    rows_per_task: int = Field(256, ge=1, description="passages handed to an encoder actor at once")
+    rows_per_task: int = Field(1024, ge=1, description="passages handed to an encoder actor at once: its length-sort "
+                                                       "window (a larger window pads less; see BENCHMARKS.md)")
     shard_rows: int = Field(1024, ge=1, description="passages per Parquet shard")
     overwrite: bool = Field(False, description="delete an existing store made with other settings")
     storage_options: dict | None = Field(None, description="fsspec options for the corpus and store URLs")
@@ -76,12 +77,15 @@ class EncodeSummary(BaseModel):
     bytes_per_doc: float
     store_rows: int
     worker_peak_rss_mb: float
+    encoder_seconds: float = 0.0      # encoder actors' busy time (encode + pool + codec), summed over actors
+    encoder_busy_share: float = 0.0   # encoder_seconds / (workers x seconds): how much of the job the encoders worked
+    encoder_load_seconds: float = 0.0  # slowest actor's start (imports + encoder load)
     errors_file: str
 
     def table(self) -> str:
         keys = ["input_rows", "stored_new", "skipped_existing", "changed_since_stored", "rejected", "truncated",
                 "tokens", "seconds", "docs_per_s", "tokens_per_s", "padding_ratio", "bytes_written", "bytes_per_doc", "store_rows",
-                "worker_peak_rss_mb"]
+                "worker_peak_rss_mb", "encoder_seconds", "encoder_busy_share", "encoder_load_seconds"]
         width = max(map(len, keys))
         return "\n".join(f"{k:<{width}}  {getattr(self, k)}" for k in keys)
 
@@ -216,6 +220,7 @@ def _finish(cfg, settings, start, n_files, plan: S.EncodePlan, shard_rows, error
                          f"{len(plan.skip)} already stored + {len(rejected)} rejected")
     secs = time.perf_counter() - start
     mem_bytes = sum(r["memory_bytes"] for r in shard_rows)
+    busy = sum(r["encode_seconds"] for r in shard_rows)
     return EncodeSummary(
         store=cfg.store, input_rows=input_rows, stored_new=stored_new, skipped_existing=len(plan.skip),
         changed_since_stored=len(plan.changed),
@@ -224,4 +229,7 @@ def _finish(cfg, settings, start, n_files, plan: S.EncodePlan, shard_rows, error
         padding_ratio=round(1 - tokens / padded, 4) if padded else 0.0,
         bytes_written=sum(r["bytes"] for r in shard_rows),
         bytes_per_doc=round(mem_bytes / stored_new, 1) if stored_new else 0.0, store_rows=manifest.rows,
-        worker_peak_rss_mb=max([r["worker_rss_mb"] for r in shard_rows], default=0.0), errors_file=errors_url)
+        worker_peak_rss_mb=max([r["worker_rss_mb"] for r in shard_rows], default=0.0),
+        encoder_seconds=round(busy, 2), encoder_busy_share=round(busy / (secs * cfg.workers), 3) if secs else 0.0,
+        encoder_load_seconds=round(max([r["encoder_load_seconds"] for r in shard_rows], default=0.0), 2),
+        errors_file=errors_url)

@@ -7,6 +7,7 @@ encoder half only) -> write shards (CPU actors). Rows are dicts of columns (pand
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -145,6 +146,7 @@ class EncodeRows:
     def __init__(self, model: str, ratio: int, max_length: int, dtype: str | None, codec_dtype: str, level: int,
                  max_tokens_per_batch: int, batch_size: int, device: str | None = None,
                  cpu_threads: int | None = None):
+        t0 = time.perf_counter()
         import torch
 
         from kalm_batch.reranker import KaLMReranker
@@ -154,8 +156,10 @@ class EncodeRows:
         self.reranker = KaLMReranker(model, device=device, dtype=dtype, chunk_size=ratio, max_length=max_length,
                                      max_tokens_per_batch=max_tokens_per_batch, batch_size=batch_size)
         self.codec_dtype, self.level = codec_dtype, level
+        self.load_seconds = time.perf_counter() - t0  # imports + encoder load: the actor's fixed cost
 
     def __call__(self, batch: dict) -> dict:
+        t0 = time.perf_counter()
         stats = PaddingStats()
         memories = self.reranker.encode_ids([list(x) for x in batch["token_ids"]], stats=stats)
         table = memory_table(list(batch["doc_id"]), memories, list(batch["text_sha256"]), list(batch["source"]),
@@ -168,6 +172,9 @@ class EncodeRows:
         # padding accounting per batch, spread over its rows so Ray Data can sum it downstream
         out["padded_positions"] = np.full(n, stats.total_tokens / max(n, 1), dtype=np.float64)
         out["worker_rss_mb"] = np.full(n, process_peak_rss_mb())
+        # busy time (encode + pool + codec) spread over the rows like the padding; the load time is per actor (max)
+        out["encode_seconds"] = np.full(n, (time.perf_counter() - t0) / max(n, 1), dtype=np.float64)
+        out["encoder_load_seconds"] = np.full(n, self.load_seconds, dtype=np.float64)
         return out
 
 
@@ -194,4 +201,6 @@ def write_shard_batch(batch: dict, store_url: str, storage_options: dict | None)
         "memory_bytes": [int(np.sum(batch["nbytes"]))], "truncated": [int(np.sum(batch["truncated"]))],
         "padded_positions": [float(np.sum(batch["padded_positions"]))],
         "worker_rss_mb": [float(np.max(batch["worker_rss_mb"]))],
+        "encode_seconds": [float(np.sum(batch["encode_seconds"]))],
+        "encoder_load_seconds": [float(np.max(batch["encoder_load_seconds"]))],
     }
