@@ -183,9 +183,9 @@ def in_process(model_dir: Path, store: str, requests: list[tuple], max_pairs: in
     r = KaLMReranker(str(model_dir), chunk_size=reader.ratio, max_length=reader.manifest.max_length,
                      batch_size=max_pairs)
     r.score(requests[0][0], [reader.get(requests[0][1][0])])  # load the decoder outside the timing
-    return {"sequential_pairs_s": _timed(lambda q, ids: _score_one(r, reader, q, ids), requests, seconds, 1),
-            "batched_pairs_s": _timed(lambda qs, ids: _score_batch(r, reader, qs, ids), requests, seconds,
-                                      max(1, max_pairs // len(requests[0][1])))}
+    group = max(1, max_pairs // len(requests[0][1]))  # requests per batch
+    return {"sequential_pairs_s": _timed(lambda q, ids: _score_one(r, reader, q, ids), requests, seconds, None),
+            "batched_pairs_s": _timed(lambda qs, ids: _score_batch(r, reader, qs, ids), requests, seconds, group)}
 
 
 def _score_one(r, reader, query, ids) -> int:
@@ -202,12 +202,13 @@ def _score_batch(r, reader, queries, id_lists) -> int:
     return len(flat_ids)
 
 
-def _timed(fn, requests: list[tuple], seconds: float, group: int) -> float:
+def _timed(fn, requests: list[tuple], seconds: float, group: int | None) -> float:
+    """pairs/s of ``fn`` over the requests: one (query, ids) at a time (group None), or lists of ``group`` of them."""
     pairs, t0, i = 0, time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds or pairs == 0:
-        chunk = [requests[(i + j) % len(requests)] for j in range(group)]
-        i += group
-        if group == 1:
+        chunk = [requests[(i + j) % len(requests)] for j in range(group or 1)]
+        i += group or 1
+        if group is None:
             pairs += fn(chunk[0][0], chunk[0][1])
         else:
             pairs += fn([q for q, _ in chunk], [ids for _, ids in chunk])
