@@ -144,7 +144,8 @@ def main() -> None:
     p.add_argument("--max-tokens-per-batch", type=int, default=8192)
     p.add_argument("--window-table", action="store_true",
                    help="only print padding vs the actor's sort window over the whole stdlib sample (no model run)")
-    p.add_argument("--rows-per-task", type=int, default=1024, help="passages per encoder-actor call (sorted within)")
+    p.add_argument("--rows-per-task", type=int, default=None,
+                   help="passages per encoder-actor call (sorted within); default: the job's (1024 here)")
     a = p.parse_args()
 
     model = nano_model_dir()

@@ -15,7 +15,7 @@ import torch
 
 from kalm_batch import KaLMReranker, fsio
 from kalm_batch.pipelines import encode_stages as S
-from kalm_batch.pipelines.encode import EncodeConfig, NoGoodRowsError, run_encode
+from kalm_batch.pipelines.encode import EncodeConfig, NoGoodRowsError, default_rows_per_task, run_encode
 from kalm_batch.sample import write_sample_corpus
 from kalm_batch.store import StoreMismatchError, load_manifest, open_store
 from kalm_batch.store.manifest import IncompleteStoreError
@@ -238,3 +238,14 @@ def test_resume_after_the_driver_is_killed(tiny_model_dir, tmp_path):
     got = reader.fetch(sample_ids).memories
     for d, mem in zip(sample_ids, core.encode([texts[i] for i in sample_ids])):
         assert torch.max(torch.abs(got[d].vectors - mem.vectors)).item() <= 1e-6
+
+
+def test_default_sort_window_bounds_a_calls_memories():
+    # 1024 passages per encoder call unless their memories could exceed 2^18 vectors (max_length / ratio each)
+    assert default_rows_per_task(4, 512) == default_rows_per_task(4, 1024) == 1024
+    assert default_rows_per_task(1, 1024) == 256 and default_rows_per_task(2, 1024) == 512
+    assert default_rows_per_task(1, 32768) == 64  # never below 64: very long passages still batch
+    for ratio in (1, 2, 4, 8, 16, 32):
+        for max_length in (128, 512, 1024, 8192):
+            n = default_rows_per_task(ratio, max_length)
+            assert 64 <= n <= 1024 and (n == 64 or n * -(-max_length // ratio) <= 1 << 18)

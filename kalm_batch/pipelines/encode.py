@@ -49,8 +49,10 @@ class EncodeConfig(BaseModel):
     gpus_per_worker: float | None = Field(None, description="GPUs per encoder actor (default: 1 if the cluster has GPUs)")
     max_tokens_per_batch: int = Field(16384, ge=1, description="padded-token budget per encoder forward")
     batch_size: int = Field(64, ge=1, description="max passages per encoder forward")
-    rows_per_task: int = Field(1024, ge=1, description="passages handed to an encoder actor at once: its length-sort "
-                                                       "window (a larger window pads less; see BENCHMARKS.md)")
+    rows_per_task: int | None = Field(None, ge=1, description="passages handed to an encoder actor at once: its "
+                                      "length-sort window (a larger window pads less; see BENCHMARKS.md). Default: "
+                                      "1024, fewer when long passages at a small ratio would make a call's memories "
+                                      "large (at most 2^18 vectors per call)")
     shard_rows: int = Field(1024, ge=1, description="passages per Parquet shard")
     overwrite: bool = Field(False, description="delete an existing store made with other settings")
     storage_options: dict | None = Field(None, description="fsspec options for the corpus and store URLs")
@@ -98,6 +100,17 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0].split("(", 1)[0].strip()[:60]
 
 
+MAX_SORT_WINDOW = 1024          # passages per encoder call: padding vs a global sort 1.036x over the stdlib sample
+MAX_VECTORS_PER_CALL = 1 << 18  # worst case ~335 MB of bf16 memories at hidden 640 before the codec
+
+
+def default_rows_per_task(ratio: int, max_length: int) -> int:
+    """The encoder actor's sort window: 1024 passages, or fewer so that one call's memories stay bounded even if every
+    passage reaches max_length (max_length / ratio vectors each)."""
+    per_passage = -(-max_length // ratio)
+    return max(64, min(MAX_SORT_WINDOW, MAX_VECTORS_PER_CALL // per_passage))
+
+
 def _format(cfg: EncodeConfig) -> CorpusFormat:
     return CorpusFormat(id_field=cfg.id_field, text_field=cfg.text_field, title_field=cfg.title_field, join=cfg.join)
 
@@ -133,7 +146,8 @@ def _encode_pipeline(cfg: EncodeConfig, files: list[str], drop_ref):
         S.TokenizeRows, fn_constructor_kwargs={"model": cfg.model, "max_length": cfg.max_length},
         batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25, **remote)
     encoded = tokens.map_batches(
-        S.EncodeRows, batch_size=cfg.rows_per_task, batch_format="numpy",
+        S.EncodeRows, batch_size=cfg.rows_per_task or default_rows_per_task(cfg.ratio, cfg.max_length),
+        batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.workers), **res, **remote,
         fn_constructor_kwargs=dict(model=cfg.model, ratio=cfg.ratio, max_length=cfg.max_length,
                                    dtype=cfg.model_dtype, codec_dtype=cfg.dtype, level=cfg.level,
