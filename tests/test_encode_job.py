@@ -16,6 +16,7 @@ import torch
 from kalm_batch import KaLMReranker, fsio
 from kalm_batch.pipelines import encode_stages as S
 from kalm_batch.pipelines.encode import EncodeConfig, NoGoodRowsError, default_rows_per_task, run_encode
+from kalm_batch.pooling import n_vectors
 from kalm_batch.sample import write_sample_corpus
 from kalm_batch.store import StoreMismatchError, load_manifest, open_store
 from kalm_batch.store.manifest import IncompleteStoreError
@@ -248,4 +249,4 @@ def test_default_sort_window_bounds_a_calls_memories():
     for ratio in (1, 2, 4, 8, 16, 32):
         for max_length in (128, 512, 1024, 8192):
             n = default_rows_per_task(ratio, max_length)
-            assert 64 <= n <= 1024 and (n == 64 or n * -(-max_length // ratio) <= 1 << 18)
+            assert 64 <= n <= 1024 and (n == 64 or n * n_vectors(max_length, ratio) <= 1 << 18)

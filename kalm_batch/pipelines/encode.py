@@ -107,8 +107,9 @@ MAX_VECTORS_PER_CALL = 1 << 18  # worst case ~335 MB of bf16 memories at hidden 
 def default_rows_per_task(ratio: int, max_length: int) -> int:
     """The encoder actor's sort window: 1024 passages, or fewer so that one call's memories stay bounded even if every
     passage reaches max_length (max_length / ratio vectors each)."""
-    per_passage = -(-max_length // ratio)
-    return max(64, min(MAX_SORT_WINDOW, MAX_VECTORS_PER_CALL // per_passage))
+    from kalm_batch.pooling import n_vectors  # torch: the driver has it by now (run_encode loads the tokenizer first)
+
+    return max(64, min(MAX_SORT_WINDOW, MAX_VECTORS_PER_CALL // n_vectors(max_length, ratio)))
 
 
 def _format(cfg: EncodeConfig) -> CorpusFormat:
