@@ -70,11 +70,11 @@ def padding_by_window(model, work: str, max_length: int, max_tokens: int, window
             total += sum(max(part[i] for i in b) * len(b) for b in token_budget_batches(part, 64, max_tokens))
         return total
 
-    best = padded(len(lengths))
-    return {"docs": len(lengths), "tokens": sum(lengths),
-            "global_padding_ratio": round(1 - sum(lengths) / best, 4),
-            "windows": {w: {"padding_ratio": round(1 - sum(lengths) / padded(w), 4),
-                            "padded_vs_global": round(padded(w) / best, 3)} for w in windows}}
+    tokens, best = sum(lengths), padded(len(lengths))
+    by_window = {w: padded(w) for w in windows}
+    return {"docs": len(lengths), "tokens": tokens, "global_padding_ratio": round(1 - tokens / best, 4),
+            "windows": {w: {"padding_ratio": round(1 - tokens / n, 4), "padded_vs_global": round(n / best, 3)}
+                        for w, n in by_window.items()}}
 
 
 def settle_cluster(seconds: float = 10.0) -> None:
