@@ -8,6 +8,7 @@ module, is an error naming the keys (vision-tower weights are skipped on purpose
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -232,25 +233,45 @@ def _fill(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str, 
     module.load_state_dict(tensors, strict=True)
 
 
-def _build(cls, config, eoi: int, dtype: torch.dtype):
+def _build(cls, config, eoi: int, dtype: torch.dtype, attn_implementation: str | None = None):
+    """An empty half built as ``from_pretrained(dtype=...)`` builds it: parameters in ``dtype``, buffers as the
+    module makes them under that default dtype (RoPE ``inv_freq`` tables stay float32, ``embed_scale`` follows)."""
     from transformers.initialization import no_init_weights
 
+    config = copy.deepcopy(config)  # _from_config writes dtype / attention choice into the config it is given
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     with no_init_weights():
-        module = cls._from_config(config, eoi_token_index=eoi, dtype=dtype)
+        module = cls._from_config(config, eoi_token_index=eoi, dtype=dtype, **extra)
     return module
 
 
-def load_encoder(model_dir: Path, dtype: torch.dtype, device: torch.device, config=None) -> T5Gemma2TextEncoder:
-    """The text encoder alone (no vision tower, no decoder)."""
+def cast_parameters(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Floating-point parameters to ``dtype``, buffers untouched (``module.to(dtype)`` would also round the float32
+    RoPE tables to bfloat16/float16 and move every score away from the official model's)."""
+    for p in module.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype=dtype)
+    return module
+
+
+def _place(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """Cast parameters only, then move (``.to(device)`` keeps every tensor's dtype)."""
+    return cast_parameters(module, dtype).to(device=device).eval()
+
+
+def load_encoder(model_dir: Path, dtype: torch.dtype, device: torch.device, config=None,
+                 attn_implementation: str | None = None) -> T5Gemma2TextEncoder:
+    """The text encoder alone (no vision tower, no decoder): parameters in ``dtype``, buffers as from_pretrained."""
     config = config or load_config(model_dir)
     ckpt = Checkpoint(model_dir)
     check_unexpected(ckpt)
     wanted = {k: mk for k in ckpt.keys() if (mk := _encoder_key(k)) is not None}
     loaded = ckpt.load(list(wanted))
     tensors = {wanted[k]: v for k, v in loaded.items()}
-    encoder = _build(T5Gemma2TextEncoder, config.encoder.text_config, config.eoi_token_index, dtype)
+    encoder = _build(T5Gemma2TextEncoder, config.encoder.text_config, config.eoi_token_index, dtype,
+                     attn_implementation)
     _fill(encoder, tensors, "encoder", model_dir)
-    return encoder.to(device=device, dtype=dtype).eval()
+    return _place(encoder, dtype, device)
 
 
 @dataclass
@@ -261,8 +282,11 @@ class DecoderHalf:
 
 
 def load_decoder(model_dir: Path, yes_no: tuple[int, int], dtype: torch.dtype, device: torch.device,
-                 config=None) -> DecoderHalf:
-    """The decoder plus the two lm_head rows the score needs (tied embeddings resolved like transformers does)."""
+                 config=None, attn_implementation: str | None = None) -> DecoderHalf:
+    """The decoder plus the two lm_head rows the score needs (tied embeddings resolved like transformers does).
+
+    Parameters and the two rows are in ``dtype`` (the rows rounded from the checkpoint exactly as the full lm_head
+    would be); buffers stay as from_pretrained leaves them."""
     config = config or load_config(model_dir)
     ckpt = Checkpoint(model_dir)
     check_unexpected(ckpt)
@@ -277,7 +301,7 @@ def load_decoder(model_dir: Path, yes_no: tuple[int, int], dtype: torch.dtype, d
         src = enc_key if enc_key in keys else alt if alt in keys else None
         if name not in tensors and tied and src is not None:
             tensors[name] = ckpt.load([src])[src]
-    decoder = _build(T5Gemma2Decoder, config.decoder, config.eoi_token_index, dtype)
+    decoder = _build(T5Gemma2Decoder, config.decoder, config.eoi_token_index, dtype, attn_implementation)
     _fill(decoder, tensors, "decoder", model_dir)
     if _LM_HEAD_KEY in keys:
         head = ckpt.load([_LM_HEAD_KEY])[_LM_HEAD_KEY]
@@ -287,7 +311,7 @@ def load_decoder(model_dir: Path, yes_no: tuple[int, int], dtype: torch.dtype, d
         raise CheckpointError(f"checkpoint in {model_dir} has no {_LM_HEAD_KEY} and does not tie embeddings")
     rows = head[list(yes_no)].to(device=device, dtype=dtype)
     softcap = getattr(config.decoder, "final_logit_softcapping", None)
-    return DecoderHalf(decoder.to(device=device, dtype=dtype).eval(), rows, softcap)
+    return DecoderHalf(_place(decoder, dtype, device), rows, softcap)
 
 
 def model_summary(model_dir: Path) -> dict:
