@@ -51,7 +51,7 @@ class ModelFingerprint:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def differences(self, other: "ModelFingerprint | dict") -> list[str]:
+    def differences(self, other: ModelFingerprint | dict) -> list[str]:
         """Identity fields that differ. The id and revision are names: the same files under another path or id
         are the same model, so only the config, tokenizer and weights hashes decide."""
         a = self.to_dict()
@@ -76,10 +76,19 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise ValueError(f"unknown dtype {dtype!r}; use one of bfloat16, float16, float32") from None
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
+def resolve_device(device: str | torch.device | None, check_available: bool = False) -> torch.device:
+    """CUDA when there is one, else CPU; with ``check_available``, a CUDA device this machine lacks is an error."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if check_available and resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device={str(device)!r} was requested but CUDA is not available on this machine; "
+                               "use device='cpu' (or leave device unset)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device={str(device)!r} was requested but this machine has "
+                               f"{torch.cuda.device_count()} CUDA device(s)")
+    return resolved
 
 
 def resolve_model_dir(model_name_or_path: str, revision: str | None = None) -> tuple[Path, str | None]:
@@ -186,7 +195,7 @@ class Checkpoint:
             self.files = {k: model_dir / f for k, f in weight_map.items()}
         elif single.exists():
             with safe_open(str(single), "pt") as f:
-                self.files = {k: single for k in f.keys()}
+                self.files = dict.fromkeys(f.keys(), single)
         else:
             raise CheckpointError(f"no model.safetensors(.index.json) in {model_dir}; only safetensors are loaded")
 
@@ -210,14 +219,13 @@ def _encoder_key(key: str) -> str | None:
     if not key.startswith(_ENCODER_PREFIX) or key.startswith(_SKIPPED_PREFIXES):
         return None
     rest = key[len(_ENCODER_PREFIX):]
-    return rest[len("text_model."):] if rest.startswith("text_model.") else rest
+    return rest.removeprefix("text_model.")
 
 
 def check_unexpected(ckpt: Checkpoint) -> None:
     """Every checkpoint key must belong to a known part of the model."""
-    odd = sorted(k for k in ckpt.keys() if not (
-        k.startswith(_SKIPPED_PREFIXES) or k.startswith(_ENCODER_PREFIX) or k.startswith(_DECODER_PREFIX)
-        or k == _LM_HEAD_KEY))
+    known = (*_SKIPPED_PREFIXES, _ENCODER_PREFIX, _DECODER_PREFIX)
+    odd = sorted(k for k in ckpt.files if not (k.startswith(known) or k == _LM_HEAD_KEY))
     if odd:
         raise CheckpointError(f"checkpoint has unexpected weights (not part of T5Gemma2's text model): {odd[:20]}")
 
@@ -265,7 +273,7 @@ def load_encoder(model_dir: Path, dtype: torch.dtype, device: torch.device, conf
     config = config or load_config(model_dir)
     ckpt = Checkpoint(model_dir)
     check_unexpected(ckpt)
-    wanted = {k: mk for k in ckpt.keys() if (mk := _encoder_key(k)) is not None}
+    wanted = {k: mk for k in ckpt.files if (mk := _encoder_key(k)) is not None}
     loaded = ckpt.load(list(wanted))
     tensors = {wanted[k]: v for k, v in loaded.items()}
     encoder = _build(T5Gemma2TextEncoder, config.encoder.text_config, config.eoi_token_index, dtype,

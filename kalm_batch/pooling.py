@@ -8,20 +8,31 @@ follow from ``n_tokens`` alone because padding only ever sits at the end.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
-ALLOWED_RATIOS = (1, 2, 4, 8, 16, 32)
+log = logging.getLogger(__name__)
+
+ALLOWED_RATIOS = (1, 2, 4, 8, 16, 32)  # the chunk sizes KaLM-Reranker-V1 was trained with
 
 
-def check_ratio(r: int | None, *, allow_none: bool = True) -> int | None:
-    """Validate a pooling ratio (chunk size); ``None`` means no pooling."""
+def check_ratio(r: int | None, *, allow_none: bool = True, warn: bool = False) -> int | None:
+    """Validate a pooling ratio (chunk size); ``None`` means no pooling.
+
+    Like the official class, any positive integer is accepted; a size the model was not trained with
+    (not in ``ALLOWED_RATIOS``) logs a warning when ``warn`` is set (the constructor sets it; per-batch checks do not).
+    """
     if r is None and allow_none:
         return None
-    if isinstance(r, bool) or not isinstance(r, int) or r not in ALLOWED_RATIOS:
-        allowed = ", ".join(map(str, ALLOWED_RATIOS)) + (" or None (no pooling)" if allow_none else "")
-        raise ValueError(f"chunk_size/ratio must be one of {allowed}; got {r!r}")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        what = "a positive integer" + (" or None (no pooling)" if allow_none else "")
+        raise ValueError(f"chunk_size/ratio must be {what} (trained sizes: "
+                         f"{', '.join(map(str, ALLOWED_RATIOS))}); got {r!r}")
+    if warn and r not in ALLOWED_RATIOS:
+        log.warning("chunk_size/ratio %d is not one KaLM-Reranker-V1 was trained with (%s); scores may be worse",
+                    r, ", ".join(map(str, ALLOWED_RATIOS)))
     return r
 
 

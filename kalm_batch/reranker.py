@@ -8,7 +8,7 @@ official API — are built from these two halves, so there is one scoring code p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -58,8 +58,6 @@ def _check_text(value, what: str) -> str:
 def _check_pairs(pairs) -> list[tuple[str, str]]:
     if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__len__"):
         raise TypeError("pairs must be a list of (query, document) pairs")
-    if len(pairs) == 0:
-        raise ValueError("pairs is empty: give at least one (query, document) pair")
     out = []
     for i, pair in enumerate(pairs):
         if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
@@ -68,25 +66,60 @@ def _check_pairs(pairs) -> list[tuple[str, str]]:
     return out
 
 
+_ACCEPTED_KWARGS = ("attn_implementation", "torch_dtype", "trust_remote_code")
+
+
+def _from_pretrained_kwargs(dtype, kwargs: dict) -> tuple[object, str | None]:
+    """(dtype, attn_implementation) from the extra keyword arguments the official class passes to from_pretrained."""
+    unknown = sorted(set(kwargs) - set(_ACCEPTED_KWARGS))
+    if unknown:
+        raise TypeError(f"KaLMReranker got unexpected keyword argument(s) {unknown}; of from_pretrained's arguments "
+                        f"only {list(_ACCEPTED_KWARGS)} apply here")
+    if "torch_dtype" in kwargs:
+        if dtype is not None and kwargs["torch_dtype"] != dtype:
+            raise TypeError(f"dtype={dtype!r} and torch_dtype={kwargs['torch_dtype']!r} disagree; pass only dtype")
+        dtype = kwargs["torch_dtype"]
+    attn = kwargs.get("attn_implementation")
+    if attn is not None and not isinstance(attn, str):
+        raise TypeError(f"attn_implementation must be a string such as 'sdpa' or 'eager', got {attn!r}")
+    return dtype, attn
+
+
+def _check_documents(documents) -> list[str]:
+    if isinstance(documents, (str, bytes)) or not hasattr(documents, "__len__"):
+        raise TypeError(f"documents must be a list of strings, got {type(documents).__name__}")
+    return [_check_text(d, f"documents[{i}]") for i, d in enumerate(documents)]
+
+
+def _check_batch_size(batch_size) -> int | None:
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
 class KaLMReranker:
     """Drop-in for the official ``KaLMReranker``; loads each half of the model only when first used.
 
     Args mirror the official class. ``max_tokens_per_batch`` bounds padded tokens per forward (batches are sorted by
-    length); ``revision`` pins a hub revision.
+    length); ``revision`` pins a hub revision. Of the extra keyword arguments the official class hands to
+    ``from_pretrained``, those that matter here are accepted: ``attn_implementation`` ("sdpa", "eager",
+    "flash_attention_2"; reaches both half-model builds), ``torch_dtype`` (the old name of ``dtype``) and
+    ``trust_remote_code`` (no effect: T5Gemma2 is part of transformers). Any other raises TypeError naming it.
     """
 
     def __init__(self, model_name_or_path: str = M.DEFAULT_MODEL, *, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, batch_size: int = 32, query_max_length: int = 512,
                  max_length: int = 1024, chunk_size: int | None = 4, instruction: str | None = None,
                  system_instruction: str | None = None, revision: str | None = None,
-                 max_tokens_per_batch: int = 32768):
-        check_ratio(chunk_size)
+                 max_tokens_per_batch: int = 32768, **model_kwargs):
+        check_ratio(chunk_size, warn=True)
+        dtype, self.attn_implementation = _from_pretrained_kwargs(dtype, model_kwargs)
         for name, v in (("batch_size", batch_size), ("query_max_length", query_max_length),
                         ("max_length", max_length), ("max_tokens_per_batch", max_tokens_per_batch)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         self.model_name_or_path = model_name_or_path
-        self.device = M.resolve_device(device)
+        self.device = M.resolve_device(device, check_available=True)
         self.dtype = M.resolve_dtype(dtype, self.device)
         self.batch_size, self.query_max_length, self.max_length = batch_size, query_max_length, max_length
         self.chunk_size = chunk_size
@@ -107,13 +140,15 @@ class KaLMReranker:
     @property
     def encoder(self):
         if self._encoder is None:
-            self._encoder = M.load_encoder(self.model_dir, self.dtype, self.device, self.config)
+            self._encoder = M.load_encoder(self.model_dir, self.dtype, self.device, self.config,
+                                           self.attn_implementation)
         return self._encoder
 
     @property
     def decoder_half(self) -> M.DecoderHalf:
         if self._decoder is None:
-            self._decoder = M.load_decoder(self.model_dir, self.yes_no, self.dtype, self.device, self.config)
+            self._decoder = M.load_decoder(self.model_dir, self.yes_no, self.dtype, self.device, self.config,
+                                           self.attn_implementation)
         return self._decoder
 
     # ----- encode ------------------------------------------------------------------------------------------------
@@ -235,19 +270,21 @@ class KaLMReranker:
 
     # ----- the official API --------------------------------------------------------------------------------------
     def predict(self, pairs: Sequence[tuple[str, str]], *, instruction: str | None = None,
-                batch_size: int | None = None) -> np.ndarray:
-        """P(yes) for each (query, document) pair, in input order (float32)."""
-        return self.predict_scores(pairs, instruction=instruction, batch_size=batch_size).p_yes
+                batch_size: int | None = None, convert_to_numpy: bool = False) -> list[float] | np.ndarray:
+        """P(yes) for each (query, document) pair, in input order: ``list[float]`` like the official class, or a
+        float32 array with ``convert_to_numpy=True`` (sentence-transformers' name). ``[]`` gives ``[]``."""
+        p_yes = self.predict_scores(pairs, instruction=instruction, batch_size=batch_size).p_yes
+        return p_yes if convert_to_numpy else p_yes.tolist()
 
     def predict_scores(self, pairs: Sequence[tuple[str, str]], *, instruction: str | None = None,
                        batch_size: int | None = None) -> Scores:
         """Like ``predict`` but returns P(yes) and margins; each distinct document is encoded once."""
         pairs = _check_pairs(pairs)
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         saved = self.batch_size
-        self.batch_size = batch_size or saved
+        self.batch_size = _check_batch_size(batch_size) or saved
         try:
+            if not pairs:
+                return Scores(np.zeros(0, np.float32), np.zeros(0, np.float32))
             docs = list(dict.fromkeys(d for _, d in pairs))
             memories = dict(zip(docs, self.encode(docs)))
             return self.score_memories([q for q, _ in pairs], [memories[d] for _, d in pairs],
@@ -256,12 +293,19 @@ class KaLMReranker:
             self.batch_size = saved
 
     def rank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
-             top_k: int | None = None, return_documents: bool = False) -> list[dict]:
+             top_k: int | None = None, batch_size: int | None = None,
+             return_documents: bool = False) -> list[dict]:
         """``[{"corpus_id", "score"(, "text")}]`` sorted by score, best first (ties keep input order)."""
         _check_text(query, "query")
-        scores = self.predict([(query, d) for d in documents], instruction=instruction)
-        order = sorted(range(len(documents)), key=lambda i: -float(scores[i]))
+        documents = _check_documents(documents)
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"top_k must be a non-negative integer or None, got {top_k!r}")
+        _check_batch_size(batch_size)
+        if not documents:
+            return []
+        scores = self.predict([(query, d) for d in documents], instruction=instruction, batch_size=batch_size)
+        order = sorted(range(len(documents)), key=lambda i: -scores[i])
         if top_k is not None:
             order = order[:top_k]
-        return [{"corpus_id": i, "score": float(scores[i]), **({"text": documents[i]} if return_documents else {})}
+        return [{"corpus_id": i, "score": scores[i], **({"text": documents[i]} if return_documents else {})}
                 for i in order]

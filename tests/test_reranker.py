@@ -54,7 +54,7 @@ def test_predict_and_rank_run_through_the_split_path(tiny_model_dir, reference):
     ours = KaLMReranker(str(tiny_model_dir), max_length=MAX_LENGTH, dtype="float32")
     pairs = [(QUERY, d) for d in DOCS] + [("another query", DOCS[0])]
     want = reference[4].predict(pairs).numpy()
-    got = ours.predict(pairs)
+    got = ours.predict(pairs, convert_to_numpy=True)
     assert got.dtype == np.float32 and got.shape == (len(pairs),)
     assert np.max(np.abs(got - want)) <= 1e-5
     ranked = ours.rank(QUERY, DOCS, top_k=3, return_documents=True)
@@ -66,10 +66,10 @@ def test_predict_and_rank_run_through_the_split_path(tiny_model_dir, reference):
 def test_instruction_changes_scores_like_the_reference(tiny_model_dir, reference):
     ours = KaLMReranker(str(tiny_model_dir), max_length=MAX_LENGTH, dtype="float32")
     ins = "Given a code question, find the docstring that answers it."
-    got = ours.predict([(QUERY, d) for d in DOCS], instruction=ins)
+    got = ours.predict([(QUERY, d) for d in DOCS], instruction=ins, convert_to_numpy=True)
     want = reference[4].predict([(QUERY, d) for d in DOCS], instruction=ins).numpy()
     assert np.max(np.abs(got - want)) <= 1e-5
-    assert np.max(np.abs(got - ours.predict([(QUERY, d) for d in DOCS]))) > 1e-6
+    assert np.max(np.abs(got - ours.predict([(QUERY, d) for d in DOCS], convert_to_numpy=True))) > 1e-6
 
 
 def test_memory_is_batch_independent(tiny_model_dir):
@@ -130,7 +130,7 @@ def test_empty_query_keeps_the_template(tiny_model_dir, reference):
 
 
 @pytest.mark.parametrize("bad,err", [
-    ([], ValueError), ("not pairs", TypeError), ([("q", None)], TypeError), ([(None, "d")], TypeError),
+    ("not pairs", TypeError), ([("q", None)], TypeError), ([(None, "d")], TypeError),
     ([("q", 3)], TypeError), ([("only one",)], TypeError), ([("q", "d", "x")], TypeError),
 ])
 def test_bad_pairs_are_clear_errors(tiny_model_dir, bad, err):
@@ -140,9 +140,9 @@ def test_bad_pairs_are_clear_errors(tiny_model_dir, bad, err):
     assert "pair" in str(e.value)
 
 
-@pytest.mark.parametrize("chunk", [3, 0, 64, -4, "4", True])
+@pytest.mark.parametrize("chunk", [0, -4, "4", True, 2.0])
 def test_bad_chunk_size(tiny_model_dir, chunk):
-    with pytest.raises(ValueError, match="chunk_size/ratio must be one of 1, 2, 4, 8, 16, 32"):
+    with pytest.raises(ValueError, match="chunk_size/ratio must be a positive integer or None"):
         KaLMReranker(str(tiny_model_dir), chunk_size=chunk)
 
 
@@ -166,12 +166,19 @@ def test_fp16_non_finite_logits_raise(tiny_model_dir):
         ours.score(QUERY, [huge])
 
 
-def test_fp16_and_bf16_score_close_to_fp32(tiny_model_dir):
-    pairs = [(QUERY, d) for d in DOCS]
+# Batched low precision: the official model differs from itself between batch 1 and batch 32 by up to 9.2e-4 (bf16)
+# and 9.4e-5 (fp16) on these pairs, and from float32 by 8.2e-4 / 1.1e-4 (measured; BENCHMARKS.md has the larger
+# table). The tolerances are about twice that; the float32 scores spread over 0.043, so a constant output fails.
+BATCHED_TOL = {"bfloat16": 2e-3, "float16": 3e-4}
+
+
+@pytest.mark.parametrize("dt", ["bfloat16", "float16"])
+def test_batched_fp16_and_bf16_stay_within_the_measured_floor(tiny_model_dir, dt):
+    pairs = [(q, d) for q in (QUERY, "another query about files", "x") for d in DOCS]
     fp32 = KaLMReranker(str(tiny_model_dir), dtype="float32", max_length=MAX_LENGTH).predict(pairs)
-    for dt in ("bfloat16", "float16"):
-        low = KaLMReranker(str(tiny_model_dir), dtype=dt, max_length=MAX_LENGTH).predict(pairs)
-        assert np.max(np.abs(low - fp32)) < 0.05
+    low = KaLMReranker(str(tiny_model_dir), dtype=dt, max_length=MAX_LENGTH).predict(pairs, convert_to_numpy=True)
+    assert np.ptp(fp32) > 10 * BATCHED_TOL[dt]
+    assert np.max(np.abs(low - np.asarray(fp32))) <= BATCHED_TOL[dt]
 
 
 def test_halves_load_only_when_used(tiny_model_dir):
