@@ -193,6 +193,10 @@ class Checkpoint:
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {k: model_dir / f for k, f in weight_map.items()}
+            absent = sorted({p.name for p in self.files.values() if not p.is_file()})
+            if absent:
+                raise CheckpointError(f"{index.name} in {model_dir} names shard(s) that are not there: {absent}; "
+                                      "download the whole checkpoint")
         elif single.exists():
             with safe_open(str(single), "pt") as f:
                 self.files = dict.fromkeys(f.keys(), single)

@@ -16,13 +16,13 @@ from transformers import PreTrainedTokenizerFast, T5Gemma2Config, T5Gemma2ForCon
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 _MERGES = [("y", "e"), ("ye", "s"), ("n", "o"), ("Ġ", "t"), ("Ġ", "a"), ("e", "r"), ("i", "n"), ("o", "n")]
 
-NANO_TEXT_SHAPE = dict(  # google/t5gemma-2-270m-270m text config (see shared/NANO_SHAPE.md)
-    vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
-    num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
-    max_position_embeddings=32768,
-    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
-                     "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
-)
+NANO_TEXT_SHAPE = {  # google/t5gemma-2-270m-270m text config (see shared/NANO_SHAPE.md)
+    "vocab_size": 262144, "hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": 18,
+    "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 512,
+    "max_position_embeddings": 32768,
+    "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+}
 
 
 def build_tokenizer(words=()) -> PreTrainedTokenizerFast:
@@ -60,12 +60,13 @@ def _nano_words() -> list[str]:
 
 
 def _tiny_text(vocab_size: int) -> dict:
-    return dict(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention"], max_position_embeddings=4096,
-        final_logit_softcapping=5.0,  # exercised on purpose: the score must apply the config's soft-capping
-    )
+    return {
+        "vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "query_pre_attn_scalar": 16,
+        "sliding_window": 8, "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+        "max_position_embeddings": 4096,
+        "final_logit_softcapping": 5.0,  # exercised on purpose: the score must apply the config's soft-capping
+    }
 
 
 def build_config(shape: str, vocab_size: int) -> T5Gemma2Config:
@@ -78,9 +79,9 @@ def build_config(shape: str, vocab_size: int) -> T5Gemma2Config:
         raise ValueError(f"unknown shape {shape!r}; use 'tiny' or 'nano'")
     text.update(pad_token_id=0, eos_token_id=1, bos_token_id=2)
     vocab = text["vocab_size"]
-    vision = dict(model_type="siglip_vision_model", hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                  num_attention_heads=1, image_size=16, patch_size=8)
-    special = dict(boi_token_index=vocab - 3, eoi_token_index=vocab - 2, image_token_index=vocab - 1)
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 8, "intermediate_size": 16,
+              "num_hidden_layers": 1, "num_attention_heads": 1, "image_size": 16, "patch_size": 8}
+    special = {"boi_token_index": vocab - 3, "eoi_token_index": vocab - 2, "image_token_index": vocab - 1}
     return T5Gemma2Config(
         encoder=dict(text_config=text, vision_config=vision, mm_tokens_per_image=4, **special),
         decoder=dict(text), image_token_index=special["image_token_index"],
@@ -88,16 +89,23 @@ def build_config(shape: str, vocab_size: int) -> T5Gemma2Config:
 
 
 def write_random_model(out_dir: str | Path, shape: str = "tiny", seed: int = 0,
-                       dtype: torch.dtype = torch.float32) -> Path:
-    """Write a random-weight T5Gemma2 checkpoint and the byte-level tokenizer to ``out_dir``."""
+                       dtype: torch.dtype = torch.float32, tie_word_embeddings: bool = True,
+                       max_shard_size: str | None = None) -> Path:
+    """Write a random-weight T5Gemma2 checkpoint and the byte-level tokenizer to ``out_dir``.
+
+    ``tie_word_embeddings=False`` writes separate decoder embeddings and an ``lm_head``; ``max_shard_size`` (e.g.
+    "50KB") writes a sharded checkpoint with ``model.safetensors.index.json`` — the layouts a real checkpoint may have.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(_nano_words() if shape == "nano" else ())
     vocab = len(tokenizer) + 16 if shape == "tiny" else NANO_TEXT_SHAPE["vocab_size"]
     torch.manual_seed(seed)
-    model = T5Gemma2ForConditionalGeneration(build_config(shape, vocab)).to(dtype)
+    config = build_config(shape, vocab)
+    config.tie_word_embeddings = tie_word_embeddings
+    model = T5Gemma2ForConditionalGeneration(config).to(dtype)
     _make_interesting(model, seed)
-    model.save_pretrained(str(out))
+    model.save_pretrained(str(out), **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(str(out))
     return out
 
