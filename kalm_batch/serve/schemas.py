@@ -61,10 +61,11 @@ class ServeConfig(BaseModel):
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill (user_config)")
     max_pairs_per_batch: int = Field(256, ge=1, description="most (query, memory) pairs per scorer batch; larger "
                                                             "requests are split into chunks (user_config)")
-    max_batch_tokens: int = Field(8192, ge=1, description="most prompt tokens + memory vectors per scorer batch "
-                                                          "(and encoder tokens per raw-text encoder step): bounds "
-                                                          "how long a small request waits behind a large one; "
-                                                          "raise it on a GPU (user_config)")
+    max_batch_tokens: int = Field(4096, ge=1, description="most prompt tokens + memory vectors per scorer batch: "
+                                                          "bounds how long a small request waits behind a large "
+                                                          "one (CPU default; raise it on a GPU) (user_config)")
+    max_encode_tokens: int = Field(2048, ge=1, description="most encoder tokens per raw-text encoder step; other "
+                                                           "requests' batches run between steps (user_config)")
     max_tokens_per_batch: int = Field(32768, ge=1, description="padded tokens per decoder forward inside a batch")
     scorer_max_ongoing_requests: int | None = Field(None, ge=1, description="requests one scorer replica holds at "
                                                                             "once (default: max(2 x max_batch_size,"
@@ -87,7 +88,7 @@ class ServeConfig(BaseModel):
     def batching(self) -> dict:
         """The scorer's ``user_config`` (tunable without restarting replicas)."""
         return {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s,
-                "max_pairs_per_batch": self.max_pairs_per_batch, "max_batch_tokens": self.max_batch_tokens}
+                "max_pairs_per_batch": self.max_pairs_per_batch, "max_batch_tokens": self.max_batch_tokens, "max_encode_tokens": self.max_encode_tokens}
 
     def limits(self) -> dict:
         """The request limits, as ``/info`` reports them."""
@@ -104,7 +105,8 @@ class BatchingConfig(BaseModel):
     max_batch_size: int = Field(64, ge=1, description="most request chunks per batch")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="seconds a batch waits to fill")
     max_pairs_per_batch: int = Field(256, ge=1, description="most pairs per batch")
-    max_batch_tokens: int = Field(8192, ge=1, description="most prompt tokens + memory vectors per batch")
+    max_batch_tokens: int = Field(4096, ge=1, description="most prompt tokens + memory vectors per batch")
+    max_encode_tokens: int = Field(2048, ge=1, description="most encoder tokens per raw-text encoder step")
 
 
 # ----------------------------------------------------------------------------------------------- requests

@@ -7,7 +7,7 @@ memories are cached by sha256 of the text (and the truncation length) in a bound
 
 ``open_compatible_store`` is the one place the store is opened and checked against the model (start-up check and
 replicas alike). The model lock is first-come first-served (``FairLock``) and a raw-text request encodes in steps of
-``max_batch_tokens`` encoder tokens, so a small request's decode runs between a large request's encoder steps.
+``max_encode_tokens`` encoder tokens, so a small request's decode runs between a large request's encoder steps.
 
 ``KaLMScorer`` wraps it in a Serve deployment. Requests are cut into chunks of at most ``max_pairs_per_batch``
 pairs and ``max_batch_tokens`` (prompt tokens + memory vectors), and ``@serve.batch`` gathers chunks from concurrent
@@ -144,7 +144,7 @@ class ScorerCore:
         self.reranker.chunk_size, self.reranker.max_length = self.reader.ratio, self.reader.manifest.max_length
         self.texts = TextMemoryCache(cfg.text_cache_bytes)
         self.model_lock = FairLock()  # one forward at a time (encode and decode share the cores), first come first
-        self.encode_step_tokens = cfg.max_batch_tokens  # encoder tokens per locked step (user_config)
+        self.encode_step_tokens = cfg.max_encode_tokens  # encoder tokens per locked step (user_config)
         self.reranker.decoder_half  # noqa: B018 - load the decoder now, so the first request is not slow
 
     @property
@@ -275,7 +275,7 @@ class BatchLimits:
 
     max_batch_size: int
     max_pairs_per_batch: int
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int = 4096
 
     def size(self, chunks: list[_Chunk]) -> int:
         pairs = sum(len(c.prompts) for c in chunks)
@@ -364,7 +364,7 @@ class KaLMScorer:
     def reconfigure(self, user_config: dict) -> None:
         b = BatchingConfig.model_validate(user_config or {})
         self.limits.max_batch_size, self.limits.max_pairs_per_batch = b.max_batch_size, b.max_pairs_per_batch
-        self.limits.max_batch_tokens = self.core.encode_step_tokens = b.max_batch_tokens
+        self.limits.max_batch_tokens, self.core.encode_step_tokens = b.max_batch_tokens, b.max_encode_tokens
         self.batching = b
         self.core.reranker.batch_size = b.max_pairs_per_batch
         self._score_batch.set_max_batch_size(b.max_pairs_per_batch)
