@@ -8,10 +8,18 @@ Errors are JSON ``{"error", "error_type", "request_id", "details"?}`` and never 
 
 * 422 — malformed JSON, missing fields, wrong types (FastAPI's ``RequestValidationError`` handler is overridden),
   both texts and ``document_ids`` or neither, an empty document list, a ratio the store cannot serve (lists the
-  valid ratios);
-* 413 — more documents than ``max_documents``, a query longer than ``max_query_chars`` characters, or (TEI
-  ``truncate=false``, TEI's default) a text longer than the model's ``max_length`` tokens or a query longer than its
-  ``query_max_length`` tokens; the message names the limit. Other routes truncate, as the model does;
+  valid ratios), text that is not encodable (a lone surrogate such as ``"\ud800"``: ``invalid_text``, naming the
+  field, e.g. ``documents[3]`` or ``pairs[0].query``);
+* 413 — over a limit of ``ServeConfig`` (``kalm_batch.serve.limits``), checked before any tokenization: documents
+  (``max_documents``), pairs (``max_pairs``), characters of the query, the instruction and each raw document
+  (``max_query_chars``, ``max_instruction_chars``, ``max_document_chars``); then, by the scorer on a character-cut
+  text, instruction tokens (``max_instruction_tokens``) and (TEI ``truncate=false``, TEI's default) a text longer
+  than the model's ``max_length`` tokens or a query longer than its ``query_max_length``. The message names the field
+  and the limit. Other routes truncate, as the model does (a long raw text is cut by characters first, so a 5 MB
+  text costs what ``max_length`` tokens cost);
+* 503 + ``Retry-After`` — retryable: the scorer replica died or is restarting, or more than ``max_queued_requests``
+  wait for it (``error_type`` ``unavailable`` / ``overloaded``); ``GET /health`` is a 503 until a scorer replica
+  has its store open and decoder loaded;
 * 404 — unknown document ids. Choice: the *whole request* fails and the error lists the unknown ids (up to 50), so a
   client never silently gets fewer results than it sent documents;
 * 500 — only for the server's own faults: a corrupt store record (``error_type="corrupt_record"``) or an internal
