@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -275,3 +276,23 @@ def test_serve_with_a_broken_store_exits_nonzero_with_one_message(tiny_model_dir
     assert "Traceback" not in proc.stderr and "Ray" not in proc.stderr, proc.stderr  # before Ray even starts
     lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     assert len(lines) == 1 and "manifest.json" in lines[0], proc.stderr
+
+
+def test_fair_lock_serves_waiters_in_arrival_order():
+    from kalm_batch.serve.scorer import FairLock
+
+    lock, order, threads = FairLock(), [], []
+    lock.__enter__()
+    for i in range(4):  # each waiter takes its ticket before the next one starts
+        t = threading.Thread(target=lambda i=i: (lock.__enter__(), order.append(i), lock.__exit__()))
+        t.start()
+        threads.append(t)
+        deadline = time.monotonic() + 10
+        while lock._next_ticket < i + 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    assert lock.locked()
+    lock.__exit__()
+    for t in threads:
+        t.join(10)
+    assert order == [0, 1, 2, 3] and not lock.locked()
