@@ -61,10 +61,10 @@ class ServeConfig(BaseModel):
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill (user_config)")
     max_pairs_per_batch: int = Field(256, ge=1, description="most (query, memory) pairs per scorer batch; larger "
                                                             "requests are split into chunks (user_config)")
-    max_batch_tokens: int = Field(4096, ge=1, description="most prompt tokens + memory vectors per scorer batch: "
+    max_batch_tokens: int = Field(2048, ge=1, description="most prompt tokens + memory vectors per scorer batch: "
                                                           "bounds how long a small request waits behind a large "
                                                           "one (CPU default; raise it on a GPU) (user_config)")
-    max_encode_tokens: int = Field(2048, ge=1, description="most encoder tokens per raw-text encoder step; other "
+    max_encode_tokens: int = Field(1024, ge=1, description="most encoder tokens per raw-text encoder step; other "
                                                            "requests' batches run between steps (user_config)")
     max_tokens_per_batch: int = Field(32768, ge=1, description="padded tokens per decoder forward inside a batch")
     scorer_max_ongoing_requests: int | None = Field(None, ge=1, description="requests one scorer replica holds at "
@@ -105,8 +105,8 @@ class BatchingConfig(BaseModel):
     max_batch_size: int = Field(64, ge=1, description="most request chunks per batch")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="seconds a batch waits to fill")
     max_pairs_per_batch: int = Field(256, ge=1, description="most pairs per batch")
-    max_batch_tokens: int = Field(4096, ge=1, description="most prompt tokens + memory vectors per batch")
-    max_encode_tokens: int = Field(2048, ge=1, description="most encoder tokens per raw-text encoder step")
+    max_batch_tokens: int = Field(2048, ge=1, description="most prompt tokens + memory vectors per batch")
+    max_encode_tokens: int = Field(1024, ge=1, description="most encoder tokens per raw-text encoder step")
 
 
 # ----------------------------------------------------------------------------------------------- requests

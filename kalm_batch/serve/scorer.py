@@ -275,7 +275,7 @@ class BatchLimits:
 
     max_batch_size: int
     max_pairs_per_batch: int
-    max_batch_tokens: int = 4096
+    max_batch_tokens: int = 2048
 
     def size(self, chunks: list[_Chunk]) -> int:
         pairs = sum(len(c.prompts) for c in chunks)
