@@ -89,9 +89,13 @@ def _eval(ns) -> int:
 
 
 def _serve(ns) -> int:
-    from kalm_batch.serve.app import ServeConfig, run_serve
+    from kalm_batch.serve.app import ServeConfig, ServeStartError, run_serve
 
-    run_serve(model_from_args(ServeConfig, ns), blocking=True)
+    try:
+        run_serve(model_from_args(ServeConfig, ns), blocking=True)
+    except ServeStartError as e:
+        print(f"kalm-batch serve: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -17,6 +17,7 @@ from kalm_batch import model as M
 from kalm_batch.batching import PaddingStats, round_up, token_budget_batches
 from kalm_batch.pooling import check_ratio, coarsen, mep_pool, n_vectors
 from kalm_batch.prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_INSTRUCTION, decoder_text, document_text
+from kalm_batch.textlimits import tokenize_prefix
 
 _UNSET = object()
 
@@ -157,8 +158,7 @@ class KaLMReranker:
         texts = [document_text(_check_text(d, f"documents[{i}]")) for i, d in enumerate(documents)]
         if not texts:
             return []
-        enc = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length)
-        return [list(ids) for ids in enc["input_ids"]]
+        return tokenize_prefix(self.tokenizer, texts, self.max_length)  # a long text is cut by characters first
 
     def encode(self, documents: Sequence[str], *, ratio=_UNSET) -> list[Memory]:
         """Memories of ``documents`` at ``ratio`` (default: the constructor's ``chunk_size``), in input order."""
@@ -191,8 +191,7 @@ class KaLMReranker:
 
     # ----- score -------------------------------------------------------------------------------------------------
     def truncate_query(self, query: str) -> str:
-        ids = self.tokenizer(query, add_special_tokens=False, truncation=True,
-                             max_length=self.query_max_length)["input_ids"]
+        ids = tokenize_prefix(self.tokenizer, [query], self.query_max_length)[0]
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def prompt(self, query: str, instruction: str | None = None) -> str:

@@ -80,7 +80,7 @@ def served(ray_serve, tiny_model_dir, tmp_path_factory):
     _corrupt_record(store, CORRUPT_ID)
     port = _free_port()
     cfg = ServeConfig(model=str(tiny_model_dir), store=str(store), port=port, dtype="float32", num_cpus=0.5,
-                      max_documents=50, max_query_chars=300, batch_wait_timeout_s=0.05, max_pairs_per_batch=16)
+                      max_documents=50, max_pairs=50, max_query_chars=300, batch_wait_timeout_s=0.05, max_pairs_per_batch=16)
     run_serve(cfg, blocking=False)
     yield f"http://127.0.0.1:{port}", ref, open_store(str(store))
 
@@ -105,7 +105,7 @@ def test_info_reports_model_store_limits_and_lazy_encoder(client, served):
     assert info["model"]["fingerprint"] == ref.fingerprint.to_dict()
     assert info["store"]["rows"] == len(DOCS) + 1 and info["store"]["ratio"] == 4
     assert info["ratios"] == reader.ratios == [4, 8, 16, 32]
-    assert info["limits"] == {"max_documents": 50, "max_query_chars": 300}
+    assert info["limits"]["max_documents"] == 50 and info["limits"]["max_query_chars"] == 300
     assert info["batching"]["max_pairs_per_batch"] == 16
     assert info["model"]["decoder_loaded"] is True
     assert info["model"]["encoder_loaded"] is False  # doc ids only need the decoder
@@ -298,7 +298,7 @@ BAD_REQUESTS = [
     ("/score", {"pairs": [{"query": "q", "document": "a", "document_id": "doc-1"}]}, 422, "validation_error"),
     ("/score", {"pairs": [{"query": "q", "document": "a"}], "query": "q"}, 422, "validation_error"),
     ("/v2/rerank", {"query": "q", "documents": ["a"] * 51}, 413, "too_many_documents"),
-    ("/score", {"pairs": [{"query": "q", "document": "a"}] * 51}, 413, "too_many_documents"),
+    ("/score", {"pairs": [{"query": "q", "document": "a"}] * 51}, 413, "too_many_pairs"),
     ("/v1/rerank", {"query": "q" * 301, "documents": ["a"]}, 413, "query_too_long"),
     ("/rerank", {"query": "q", "texts": ["x" * 1100]}, 413, "document_too_long"),
     ("/v2/rerank", {"query": "q", "document_ids": ["doc-1", "nope-1", "nope-2"]}, 404, "unknown_document_ids"),
@@ -347,7 +347,8 @@ def test_request_id_is_echoed(client):
 
 
 def test_store_from_another_model_refuses_to_start(ray_serve, served, tiny_model_dir, tmp_path):
-    from kalm_batch.serve import ServeStartError, run_serve
+    from kalm_batch.serve import run_serve
+    from kalm_batch.store.manifest import StoreMismatchError
     from kalm_batch.store.writer import build_store
     from kalm_batch.tiny import write_random_model
 
@@ -359,17 +360,11 @@ def test_store_from_another_model_refuses_to_start(ray_serve, served, tiny_model
     store = tmp_path / "other-store"
     build_store(str(store), KaLMReranker(str(other), dtype="float32"), {"d": "some text"}, dtype="float32")
     cfg = ServeConfig(model=str(tiny_model_dir), store=str(store), num_cpus=0.25, ingress_num_cpus=0.05,
-                      port=int(served[0].rsplit(":", 1)[1]), app_name="mismatch", route_prefix="/mismatch",
-                      max_constructor_retries=1)
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(run_serve, cfg, False)
-        try:
-            with pytest.raises(ServeStartError) as info:
-                future.result(timeout=240)  # bounded: a hang here is a failure, not a stuck suite
-        finally:
-            ray_serve.delete("mismatch", _blocking=False)
-    message = str(info.value)
-    assert "StoreMismatchError" in message and "config_sha256" in message, message
+                      port=int(served[0].rsplit(":", 1)[1]), app_name="mismatch", route_prefix="/mismatch")
+    # the start-up check refuses before anything is deployed (no constructor retries for an error no retry fixes)
+    with pytest.raises(StoreMismatchError, match="config_sha256"):
+        run_serve(cfg, blocking=False)
+    assert "mismatch" not in ray_serve.status().applications
     assert client_ok(served[0])  # the main app is unaffected
 
 

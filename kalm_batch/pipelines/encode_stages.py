@@ -18,6 +18,7 @@ from kalm_batch.batching import PaddingStats
 from kalm_batch.corpus import CorpusFormat, Passage, read_corpus_file
 from kalm_batch.pipelines.cluster import process_peak_rss_mb
 from kalm_batch.store.writer import SHARD_SCHEMA, memory_table, text_hash, write_shard
+from kalm_batch.textlimits import tokenize_prefix
 
 CHANGED_TEXT = "text changed since it was stored"
 
@@ -129,8 +130,7 @@ class TokenizeRows:
 
     def __call__(self, batch: dict) -> dict:
         texts = [self._document_text(t) for t in batch["text"]]
-        ids = self.tokenizer(texts, add_special_tokens=False, truncation=True,
-                             max_length=self.max_length + 1)["input_ids"] if texts else []
+        ids = tokenize_prefix(self.tokenizer, texts, self.max_length + 1)  # a long text is cut by characters first
         return {
             "doc_id": batch["doc_id"], "source": batch["source"], "line": batch["line"],
             "text_sha256": np.array([text_hash(t) for t in batch["text"]], dtype=object),

@@ -10,8 +10,11 @@
   a replica the running cluster could never schedule (more CPUs/GPUs than it has: Serve would wait forever); on an
   autoscaling cluster deploy with ``serve deploy cluster/serve.yaml`` instead.
 
-A store whose fingerprint does not match the model makes the scorer's constructor raise ``StoreMismatchError``,
-so the deployment refuses to start and ``serve.run`` fails with that message.
+Start-up failures that no retry can fix fail fast: ``preflight(cfg)`` (called by ``run_serve`` before Ray starts,
+and by ``app_builder``) opens the store and checks it against the model with the scorer's own
+``open_compatible_store``, so a store that is missing/incomplete (no manifest), unreadable, or made by another model
+raises ``StoreError`` / ``StoreMismatchError`` / ``ValueError`` at once, and ``kalm-batch serve`` prints that one
+message and exits 2. Errors a retry may fix (a flaky object store) are left to Serve's constructor retries.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from ray.serve import Application
 
 from kalm_batch.serve.ingress import KaLMIngress
 from kalm_batch.serve.schemas import ServeConfig
-from kalm_batch.serve.scorer import KaLMScorer
+from kalm_batch.serve.scorer import KaLMScorer, open_compatible_store, scorer_reranker
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +39,8 @@ def build_app(cfg: ServeConfig) -> Application:
     scorer = KaLMScorer.options(
         num_replicas=cfg.replicas,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-        max_ongoing_requests=max(2 * cfg.max_batch_size, 16),
+        max_ongoing_requests=cfg.scorer_max_ongoing_requests or max(2 * cfg.max_batch_size, 16),
+        max_queued_requests=cfg.max_queued_requests,  # beyond it the handle raises BackPressureError -> 503
         user_config=cfg.batching(),
         max_constructor_retry_count=cfg.max_constructor_retries,
     ).bind(config)
@@ -46,7 +50,17 @@ def build_app(cfg: ServeConfig) -> Application:
 
 def app_builder(args: dict) -> Application:
     """Entry point for ``serve run``/``serve deploy`` (``import_path: kalm_batch.serve.app:app_builder``)."""
-    return build_app(ServeConfig.model_validate(dict(args)))
+    cfg = ServeConfig.model_validate(dict(args))
+    preflight(cfg)
+    return build_app(cfg)
+
+
+def preflight(cfg: ServeConfig) -> None:
+    """Open the store and check it against the model, as each replica will (tokenizer and config only, no weights).
+
+    Raises at once what Serve would otherwise retry in every replica's constructor before failing.
+    """
+    open_compatible_store(cfg, scorer_reranker(cfg.model_copy(update={"device": "cpu"})), cache_bytes=0)
 
 
 def check_resources(cfg: ServeConfig, cluster: dict) -> None:
@@ -82,6 +96,7 @@ def run_serve(cfg: ServeConfig, blocking: bool = True):
     Raises ``ServeStartError`` (with the replicas' errors, e.g. a store/model fingerprint mismatch) when the
     application fails to deploy.
     """
+    preflight(cfg)
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
     check_resources(cfg, ray.cluster_resources())

@@ -8,10 +8,18 @@ Errors are JSON ``{"error", "error_type", "request_id", "details"?}`` and never 
 
 * 422 — malformed JSON, missing fields, wrong types (FastAPI's ``RequestValidationError`` handler is overridden),
   both texts and ``document_ids`` or neither, an empty document list, a ratio the store cannot serve (lists the
-  valid ratios);
-* 413 — more documents than ``max_documents``, a query longer than ``max_query_chars`` characters, or (TEI
-  ``truncate=false``, TEI's default) a text longer than the model's ``max_length`` tokens or a query longer than its
-  ``query_max_length`` tokens; the message names the limit. Other routes truncate, as the model does;
+  valid ratios), text that is not encodable (a lone surrogate such as ``"\ud800"``: ``invalid_text``, naming the
+  field, e.g. ``documents[3]`` or ``pairs[0].query``);
+* 413 — over a limit of ``ServeConfig`` (``kalm_batch.serve.limits``), checked before any tokenization: documents
+  (``max_documents``), pairs (``max_pairs``), characters of the query, the instruction and each raw document
+  (``max_query_chars``, ``max_instruction_chars``, ``max_document_chars``); then, by the scorer on a character-cut
+  text, instruction tokens (``max_instruction_tokens``) and (TEI ``truncate=false``, TEI's default) a text longer
+  than the model's ``max_length`` tokens or a query longer than its ``query_max_length``. The message names the field
+  and the limit. Other routes truncate, as the model does (a long raw text is cut by characters first, so a 5 MB
+  text costs what ``max_length`` tokens cost);
+* 503 + ``Retry-After`` — retryable: the scorer replica died or is restarting, or more than ``max_queued_requests``
+  wait for it (``error_type`` ``unavailable`` / ``overloaded``); ``GET /health`` is a 503 until a scorer replica
+  has its store open and decoder loaded;
 * 404 — unknown document ids. Choice: the *whole request* fails and the error lists the unknown ids (up to 50), so a
   client never silently gets fewer results than it sent documents;
 * 500 — only for the server's own faults: a corrupt store record (``error_type="corrupt_record"``) or an internal
@@ -21,6 +29,7 @@ Errors are JSON ``{"error", "error_type", "request_id", "details"?}`` and never 
 
 # No ``from __future__ import annotations`` here: Serve's class-based FastAPI ingress rebuilds the route functions,
 # and string annotations would then no longer resolve (FastAPI would read the request body as query parameters).
+import asyncio
 import logging
 import math
 import uuid
@@ -30,15 +39,33 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kalm_batch.serve.limits import check_count, check_encodable, check_job
 from kalm_batch.serve.schemas import (
-    ApiError, CohereRerankRequest, CohereRerankResponse, DocRef, ErrorBody, ErrorInfo, JinaDocument,
-    JinaRerankRequest, JinaRerankResponse, ScoreJob, ScoreOutcome, ScoreRequest, ScoreResponse, ServeConfig,
-    TEIRerankRequest, TEIResult,
+    ApiError,
+    CohereRerankRequest,
+    CohereRerankResponse,
+    DocRef,
+    ErrorBody,
+    ErrorInfo,
+    JinaDocument,
+    JinaRerankRequest,
+    JinaRerankResponse,
+    ScoreJob,
+    ScoreOutcome,
+    ScoreRequest,
+    ScoreResponse,
+    ServeConfig,
+    TEIRerankRequest,
+    TEIResult,
 )
 
 logger = logging.getLogger("ray.serve")
+# retryable: the replica died (RayActorError, ActorUnavailableError), is gone or restarting, or the queue is full
+RETRYABLE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, BackPressureError)
 api = FastAPI(title="kalm-batch rerank", description="KaLM-Reranker-V1 over pre-encoded passage memories")
 
 
@@ -48,10 +75,11 @@ def _request_id(request: Request) -> str | None:
 
 def _error_response(request: Request, info: ErrorInfo) -> JSONResponse:
     rid = _request_id(request)
-    if info.status >= 500:
+    if info.status >= 500 and info.retry_after_s is None:  # retryable 503s are logged where they arise
         logger.error("request %s failed (%s): %s", rid, info.error_type, info.message)
     body = ErrorBody(error=info.message, error_type=info.error_type, request_id=rid, details=info.details)
-    return JSONResponse(status_code=info.status, content=body.model_dump(exclude_none=True))
+    headers = {"Retry-After": str(info.retry_after_s)} if info.retry_after_s is not None else None
+    return JSONResponse(status_code=info.status, content=body.model_dump(exclude_none=True), headers=headers)
 
 
 @api.exception_handler(ApiError)
@@ -91,20 +119,6 @@ async def _internal_errors(request: Request, call_next):
 # ----------------------------------------------------------------------------------------------- request checks
 
 
-def check_query(query: str, limits: ServeConfig, field: str = "query") -> None:
-    if len(query) > limits.max_query_chars:
-        raise ApiError(413, "query_too_long", f"{field} has {len(query)} characters; the limit is "
-                       f"{limits.max_query_chars} (max_query_chars)", {"limit": limits.max_query_chars})
-
-
-def check_count(n: int, limits: ServeConfig, field: str) -> None:
-    if n == 0:
-        raise ApiError(422, "validation_error", f"{field} is empty; send at least one document")
-    if n > limits.max_documents:
-        raise ApiError(413, "too_many_documents", f"{field} has {n} entries; the limit is {limits.max_documents} "
-                       "(max_documents)", {"limit": limits.max_documents})
-
-
 def doc_refs(texts: list[str] | None, ids: list[str] | None, limits: ServeConfig, field: str) -> list[DocRef]:
     """Exactly one of texts (``field``) or ``document_ids``, non-empty and within ``max_documents``."""
     if texts is not None and ids is not None:
@@ -112,14 +126,16 @@ def doc_refs(texts: list[str] | None, ids: list[str] | None, limits: ServeConfig
     if texts is None and ids is None:
         raise ApiError(422, "validation_error", f"send `{field}` (texts) or `document_ids` (ids in the store)")
     kind, values, name = ("text", texts, field) if texts is not None else ("id", ids, "document_ids")
-    check_count(len(values), limits, name)
+    check_count(len(values), name, limits.max_documents, "max_documents")
     return [DocRef(kind, v) for v in values]
 
 
-def rerank_job(query: str, docs: list[DocRef], body, limits: ServeConfig, request: Request, **kw) -> ScoreJob:
-    check_query(query, limits)
-    return ScoreJob([query] * len(docs), docs, instruction=body.instruction, ratio=body.ratio,
-                    request_id=_request_id(request), **kw)
+def rerank_job(query: str, docs: list[DocRef], body, limits: ServeConfig, request: Request,
+               doc_field: str = "documents", **kw) -> ScoreJob:
+    job = ScoreJob([query] * len(docs), docs, instruction=body.instruction, ratio=body.ratio,
+                   request_id=_request_id(request), **kw)
+    check_job(job, limits, doc_field)
+    return job
 
 
 def score_job(body: ScoreRequest, limits: ServeConfig, request: Request) -> tuple[ScoreJob, list[str | None]]:
@@ -133,15 +149,17 @@ def score_job(body: ScoreRequest, limits: ServeConfig, request: Request) -> tupl
     if body.query is not None or body.documents is not None or body.document_ids is not None:
         raise ApiError(422, "validation_error", "send either `pairs` or `query` + `documents`/`document_ids`, "
                        "not both")
-    check_count(len(body.pairs), limits, "pairs")
+    check_count(len(body.pairs), "pairs", limits.max_pairs, "max_pairs", "too_many_pairs")
     docs = []
     for i, p in enumerate(body.pairs):
         if (p.document is None) == (p.document_id is None):
             raise ApiError(422, "validation_error", f"pairs[{i}] needs exactly one of `document` or `document_id`")
-        check_query(p.query, limits, f"pairs[{i}].query")
+        if p.id is not None:
+            check_encodable(p.id, f"pairs[{i}].id")
         docs.append(DocRef("text", p.document) if p.document is not None else DocRef("id", p.document_id))
     job = ScoreJob([p.query for p in body.pairs], docs, instruction=body.instruction, ratio=body.ratio,
                    request_id=_request_id(request))
+    check_job(job, limits, pairwise=True)
     return job, [p.id if p.id is not None else p.document_id for p in body.pairs]
 
 
@@ -166,8 +184,20 @@ class KaLMIngress:
         self.scorer = scorer
         self.limits = ServeConfig.model_validate(config)
 
+    def _unavailable(self, exc: Exception, what: str) -> ApiError:
+        """A retryable failure (replica died, restarting, or the queue is full) as a 503 with Retry-After."""
+        kind = "overloaded" if isinstance(exc, BackPressureError) else "unavailable"
+        why = ("too many requests are waiting for the scorer (max_queued_requests)" if kind == "overloaded"
+               else f"the scorer replica is unavailable ({type(exc).__name__}: it died or is restarting)")
+        logger.warning("%s: %s", what, why)
+        return ApiError(503, kind, f"{why}; retry after {self.limits.retry_after_s} s",
+                        retry_after_s=self.limits.retry_after_s)
+
     async def _run(self, job: ScoreJob) -> ScoreOutcome:
-        out: ScoreOutcome = await self.scorer.score.remote(job)
+        try:
+            out: ScoreOutcome = await self.scorer.score.remote(job)
+        except RETRYABLE as exc:
+            raise self._unavailable(exc, f"request {job.request_id}") from None
         if out.error is not None:
             raise ApiError(out.error.status, out.error.error_type, out.error.message, out.error.details)
         return out
@@ -181,8 +211,8 @@ class KaLMIngress:
                 "tokens": {"input_tokens": total_tokens(out), "output_tokens": 0},
                 "kalm": {"model": out.model_id, "ratio": out.ratio}}
         if body.max_tokens_per_doc is not None and body.document_ids is not None:
-            meta["warnings"] = ["max_tokens_per_doc does not apply to document_ids: their memories were encoded "
-                                "at the store's max_length"]
+            meta["warnings"] = [("max_tokens_per_doc does not apply to document_ids: their memories were "
+                                 "encoded at the store's max_length")]
         results = [{"index": i, "relevance_score": out.p_yes[i]} for i in ranked(out.p_yes, body.top_n)]
         return CohereRerankResponse(id=_request_id(request) or uuid.uuid4().hex, results=results, meta=meta)
 
@@ -203,7 +233,7 @@ class KaLMIngress:
     @api.post("/rerank", response_model=list[TEIResult], response_model_exclude_none=True)
     async def tei_rerank(self, body: TEIRerankRequest, request: Request) -> list[TEIResult]:
         docs = doc_refs(body.texts, body.document_ids, self.limits, "texts")
-        out = await self._run(rerank_job(body.query, docs, body, self.limits, request,
+        out = await self._run(rerank_job(body.query, docs, body, self.limits, request, doc_field="texts",
                                          reject_overlong=not body.truncate))
         values = out.margin if body.raw_scores else out.p_yes
         return [TEIResult(index=i, score=values[i], text=docs[i].value if body.return_text else None)
@@ -219,14 +249,18 @@ class KaLMIngress:
 
     @api.get("/health")
     async def health(self) -> dict:
-        await self.scorer.ping.remote()
+        """200 once a scorer replica has its store open and decoder loaded; 503 (with Retry-After) until then."""
+        try:
+            await asyncio.wait_for(self.scorer.ready.remote(), self.limits.health_timeout_s)
+        except (asyncio.TimeoutError, *RETRYABLE) as exc:
+            raise ApiError(503, "not_ready", f"no scorer replica is ready ({type(exc).__name__}); retry after "
+                           f"{self.limits.retry_after_s} s", retry_after_s=self.limits.retry_after_s) from None
         return {"status": "ok"}
 
     @api.get("/info")
     async def info(self) -> dict:
         info = await self.scorer.info.remote()
-        limits = {"max_documents": self.limits.max_documents, "max_query_chars": self.limits.max_query_chars}
-        return {**info, "limits": limits, "batch_stats": await self.scorer.batch_stats.remote()}
+        return {**info, "limits": self.limits.limits(), "batch_stats": await self.scorer.batch_stats.remote()}
 
     @api.get("/stats")
     async def stats(self) -> dict:

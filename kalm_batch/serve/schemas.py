@@ -47,13 +47,35 @@ class ServeConfig(BaseModel):
     device: str | None = Field(None, description="torch device for the scorer (default: cuda if present, else cpu)")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads in each scorer replica "
                                                               "(default: what Ray sets from num_cpus)")
-    max_documents: int = Field(1000, ge=1, description="most documents (or pairs) one request may carry (413)")
-    max_query_chars: int = Field(20000, ge=1, description="longest query, in characters (413)")
+    max_documents: int = Field(1000, ge=1, description="most documents (texts or ids) one request may carry (413)")
+    max_pairs: int = Field(1000, ge=1, description="most pairs one /score request may carry (413)")
+    max_query_chars: int = Field(20000, ge=1, description="longest query, in characters (413); its tokens are cut "
+                                                          "to the model's query_max_length (TEI truncate=false: 413)")
+    max_instruction_chars: int = Field(4000, ge=1, description="longest instruction, in characters (413)")
+    max_instruction_tokens: int = Field(512, ge=1, description="longest instruction, in tokens (413): the prompt's "
+                                                               "cost grows with the square of its length")
+    max_document_chars: int = Field(8_000_000, ge=1, description="longest raw document, in characters (413); a long "
+                                                                 "text is cut by characters before tokenizing, so "
+                                                                 "it costs what max_length tokens cost")
     max_batch_size: int = Field(64, ge=1, description="most request chunks one scorer batch gathers (user_config)")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill (user_config)")
     max_pairs_per_batch: int = Field(256, ge=1, description="most (query, memory) pairs per scorer batch; larger "
                                                             "requests are split into chunks (user_config)")
+    max_batch_tokens: int = Field(2048, ge=1, description="most prompt tokens + memory vectors per scorer batch: "
+                                                          "bounds how long a small request waits behind a large "
+                                                          "one (CPU default; raise it on a GPU) (user_config)")
+    max_encode_tokens: int = Field(1024, ge=1, description="most encoder tokens per raw-text encoder step; other "
+                                                           "requests' batches run between steps (user_config)")
     max_tokens_per_batch: int = Field(32768, ge=1, description="padded tokens per decoder forward inside a batch")
+    scorer_max_ongoing_requests: int | None = Field(None, ge=1, description="requests one scorer replica holds at "
+                                                                            "once (default: max(2 x max_batch_size,"
+                                                                            " 16))")
+    max_queued_requests: int = Field(256, ge=1, description="requests waiting for a busy scorer beyond which the "
+                                                            "endpoint answers 503 with Retry-After")
+    retry_after_s: int = Field(5, ge=1, description="the Retry-After (seconds) of a 503 (replica died, restarting "
+                                                    "or overloaded)")
+    health_timeout_s: float = Field(2.0, gt=0, description="/health answers 503 when no ready scorer replica "
+                                                           "answers within this time")
     cache_bytes: int = Field(256 * 2**20, ge=0, description="store reader LRU cache (decoded memories), bytes")
     text_cache_bytes: int = Field(64 * 2**20, ge=0, description="raw-text memory LRU cache (by sha256), bytes")
     max_constructor_retries: int = Field(3, ge=1, description="how often Serve retries a failing scorer "
@@ -66,7 +88,13 @@ class ServeConfig(BaseModel):
     def batching(self) -> dict:
         """The scorer's ``user_config`` (tunable without restarting replicas)."""
         return {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s,
-                "max_pairs_per_batch": self.max_pairs_per_batch}
+                "max_pairs_per_batch": self.max_pairs_per_batch, "max_batch_tokens": self.max_batch_tokens, "max_encode_tokens": self.max_encode_tokens}
+
+    def limits(self) -> dict:
+        """The request limits, as ``/info`` reports them."""
+        return {k: getattr(self, k) for k in ("max_documents", "max_pairs", "max_query_chars",
+                                              "max_instruction_chars", "max_instruction_tokens",
+                                              "max_document_chars")}
 
 
 class BatchingConfig(BaseModel):
@@ -77,6 +105,8 @@ class BatchingConfig(BaseModel):
     max_batch_size: int = Field(64, ge=1, description="most request chunks per batch")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="seconds a batch waits to fill")
     max_pairs_per_batch: int = Field(256, ge=1, description="most pairs per batch")
+    max_batch_tokens: int = Field(2048, ge=1, description="most prompt tokens + memory vectors per batch")
+    max_encode_tokens: int = Field(1024, ge=1, description="most encoder tokens per raw-text encoder step")
 
 
 # ----------------------------------------------------------------------------------------------- requests
@@ -217,6 +247,7 @@ class ErrorInfo:
     error_type: str
     message: str
     details: dict[str, Any] | None = None
+    retry_after_s: int | None = None       # a retryable failure (503): sent as the Retry-After header
 
 
 @dataclass
@@ -235,6 +266,7 @@ class ScoreOutcome:
 class ApiError(Exception):
     """A request the server refuses: rendered as ``ErrorBody`` with ``status``."""
 
-    def __init__(self, status: int, error_type: str, message: str, details: dict[str, Any] | None = None):
+    def __init__(self, status: int, error_type: str, message: str, details: dict[str, Any] | None = None,
+                 retry_after_s: int | None = None):
         super().__init__(message)
-        self.info = ErrorInfo(status, error_type, message, details)
+        self.info = ErrorInfo(status, error_type, message, details, retry_after_s)

@@ -5,8 +5,14 @@
 the decoder half is loaded at start-up; the encoder is loaded the first time a raw-text request arrives, and raw-text
 memories are cached by sha256 of the text (and the truncation length) in a bounded LRU.
 
+``open_compatible_store`` is the one place the store is opened and checked against the model (start-up check and
+replicas alike). The model lock is first-come first-served (``FairLock``) and a raw-text request encodes in steps of
+``max_encode_tokens`` encoder tokens, so a small request's decode runs between a large request's encoder steps.
+
 ``KaLMScorer`` wraps it in a Serve deployment. Requests are cut into chunks of at most ``max_pairs_per_batch``
-pairs, and ``@serve.batch`` gathers chunks from concurrent requests. Ray 2.60's ``serve.batch`` supports
+pairs and ``max_batch_tokens`` (prompt tokens + memory vectors), and ``@serve.batch`` gathers chunks from concurrent
+requests. A request keeps one chunk in the batch queue at a time, so chunks of concurrent requests interleave
+(round robin) and a small request waits for about one batch behind a large one, not for the whole of it. Ray 2.60's ``serve.batch`` supports
 ``batch_size_fn``: the queue's ``max_batch_size`` is set to the *pair* budget and ``_batch_size`` counts pairs, and
 reports a batch with more than ``max_batch_size`` chunks as over budget, so both limits hold. (Ray warns when its
 ``max_batch_size`` — here the pair budget — exceeds ``max_ongoing_requests``; with pairs as the unit that warning is
@@ -26,10 +32,12 @@ from dataclasses import dataclass
 import torch
 from ray import serve
 
-from kalm_batch.reranker import KaLMReranker, Memory, Scores
+from kalm_batch.batching import round_up, token_budget_batches
 from kalm_batch.prompts import document_text
+from kalm_batch.reranker import KaLMReranker, Memory, Scores
 from kalm_batch.serve.schemas import BatchingConfig, ErrorInfo, ScoreJob, ScoreOutcome, ServeConfig
 from kalm_batch.store import open_store
+from kalm_batch.textlimits import tokenize_prefix
 
 logger = logging.getLogger("ray.serve")
 _MAX_LISTED_IDS = 50
@@ -71,6 +79,51 @@ class TextMemoryCache:
                 "max_bytes": self.max_bytes}
 
 
+class FairLock:
+    """A first-come, first-served lock: a thread releasing it cannot barge back in ahead of the waiters (a plain
+    ``threading.Lock`` lets a large request's encoder steps starve a small request's decode)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._next_ticket = self._serving = 0
+
+    def __enter__(self) -> None:
+        with self._cond:
+            ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
+            self._cond.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+    def locked(self) -> bool:
+        with self._cond:
+            return self._serving != self._next_ticket
+
+
+def open_compatible_store(cfg: ServeConfig, reranker: KaLMReranker, cache_bytes: int | None = None):
+    """The store reader for ``cfg.store``, refused unless ``reranker``'s model made it.
+
+    The one place Serve opens the store and checks the model against it: the start-up check (``app.preflight``) and
+    every scorer replica call it. Raises ``StoreError`` (missing/incomplete/unreadable store),
+    ``StoreMismatchError`` (another model) or ``ValueError`` (another hidden size): errors no retry can fix.
+    """
+    reader = open_store(cfg.store, storage_options=cfg.storage_options,
+                        cache_bytes=cfg.cache_bytes if cache_bytes is None else cache_bytes)
+    reader.check_model(reranker.fingerprint, allow_mismatch=cfg.allow_mismatch)
+    if reader.manifest.hidden_size != reranker.hidden_size:
+        raise ValueError(f"store {cfg.store} holds {reader.manifest.hidden_size}-wide memories but model {cfg.model} "
+                         f"has hidden size {reranker.hidden_size}; serve the model that made the store")
+    return reader
+
+
+def scorer_reranker(cfg: ServeConfig) -> KaLMReranker:
+    """The scorer's reranker (tokenizer and config only: each half loads on first use)."""
+    return KaLMReranker(cfg.model, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.max_pairs_per_batch,
+                        max_tokens_per_batch=cfg.max_tokens_per_batch)
+
+
 @dataclass
 class Resolved:
     """A job turned into decoder inputs, pair by pair."""
@@ -85,18 +138,19 @@ class ScorerCore:
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
-        self.reader = open_store(cfg.store, storage_options=cfg.storage_options, cache_bytes=cfg.cache_bytes)
-        m = self.reader.manifest
-        self.reranker = KaLMReranker(cfg.model, device=cfg.device, dtype=cfg.dtype, chunk_size=m.ratio,
-                                     max_length=m.max_length, batch_size=cfg.max_pairs_per_batch,
-                                     max_tokens_per_batch=cfg.max_tokens_per_batch)
-        self.reader.check_model(self.reranker.fingerprint, allow_mismatch=cfg.allow_mismatch)
-        if m.hidden_size != self.reranker.hidden_size:
-            raise ValueError(f"store {cfg.store} holds {m.hidden_size}-wide memories but model {cfg.model} has "
-                             f"hidden size {self.reranker.hidden_size}; serve the model that made the store")
+        self.reranker = scorer_reranker(cfg)
+        self.reader = open_compatible_store(cfg, self.reranker)
+        # raw texts are encoded as the store's passages were
+        self.reranker.chunk_size, self.reranker.max_length = self.reader.ratio, self.reader.manifest.max_length
         self.texts = TextMemoryCache(cfg.text_cache_bytes)
-        self.model_lock = threading.Lock()  # one forward at a time: encode and decode share the cores
+        self.model_lock = FairLock()  # one forward at a time (encode and decode share the cores), first come first
+        self.encode_step_tokens = cfg.max_encode_tokens  # encoder tokens per locked step (user_config)
         self.reranker.decoder_half  # noqa: B018 - load the decoder now, so the first request is not slow
+
+    @property
+    def ready(self) -> bool:
+        """The store is open and the decoder loaded (what ``/health`` waits for)."""
+        return self.reader is not None and self.reranker._decoder is not None
 
     # ----- resolving a job ---------------------------------------------------------------------------------------
     def resolve(self, job: ScoreJob) -> Resolved | ErrorInfo:
@@ -106,6 +160,8 @@ class ScorerCore:
                              f"r0={self.reader.ratio}); valid ratios: {self.reader.ratios}",
                              {"valid_ratios": self.reader.ratios})
         if job.reject_overlong and (err := self._overlong_query(job.queries)) is not None:
+            return err
+        if job.instruction is not None and (err := self._long_instruction(job.instruction)) is not None:
             return err
         by_id = self._store_memories([d.value for d in job.docs if d.kind == "id"], ratio, job.request_id)
         if isinstance(by_id, ErrorInfo):
@@ -122,11 +178,17 @@ class ScorerCore:
     def _overlong_query(self, queries: list[str]) -> ErrorInfo | None:
         limit = self.reranker.query_max_length
         for q in dict.fromkeys(queries):
-            n = len(self.reranker.tokenizer(q, add_special_tokens=False)["input_ids"])
-            if n > limit:
-                return ErrorInfo(413, "query_too_long", f"the query has {n} tokens, more than the model's "
-                                 f"query_max_length of {limit}; send truncate=true to truncate it",
-                                 {"tokens": n, "query_max_length": limit})
+            if len(tokenize_prefix(self.reranker.tokenizer, [q], limit + 1)[0]) > limit:
+                return ErrorInfo(413, "query_too_long", f"the query has more than {limit} tokens, the model's "
+                                 f"query_max_length; send truncate=true to truncate it",
+                                 {"field": "query", "query_max_length": limit})
+        return None
+
+    def _long_instruction(self, instruction: str) -> ErrorInfo | None:
+        limit = self.cfg.max_instruction_tokens
+        if len(tokenize_prefix(self.reranker.tokenizer, [instruction], limit + 1)[0]) > limit:
+            return ErrorInfo(413, "instruction_too_long", f"instruction has more than {limit} tokens; the limit is "
+                             f"{limit} (max_instruction_tokens)", {"field": "instruction", "limit": limit})
         return None
 
     def _store_memories(self, ids: list[str], ratio: int, request_id: str | None) -> dict[str, Memory] | ErrorInfo:
@@ -151,8 +213,8 @@ class ScorerCore:
             limit = min(limit, job.max_doc_tokens)
         found = {t: hit for t in texts if (hit := self.texts.get(TextMemoryCache.key(t, limit))) is not None}
         todo = [t for t in texts if t not in found]
-        token_ids = self.reranker.tokenizer([document_text(t) for t in todo], add_special_tokens=False)[
-            "input_ids"] if todo else []
+        # cut by characters first: ids up to limit + 1 (one more tells TEI truncate=false that a text is too long)
+        token_ids = tokenize_prefix(self.reranker.tokenizer, [document_text(t) for t in todo], limit + 1)
         if job.reject_overlong:
             lengths = {t: n for t, (_, n) in found.items()} | {t: len(ids) for t, ids in zip(todo, token_ids)}
             if (err := self._overlong_text(job, lengths)) is not None:
@@ -165,21 +227,23 @@ class ScorerCore:
         for i, d in enumerate(job.docs):
             n = lengths.get(d.value, 0) if d.kind == "text" else 0
             if n > limit:
-                return ErrorInfo(413, "document_too_long", f"texts[{i}] has {n} tokens, more than the model's "
-                                 f"max_length of {limit}; send truncate=true to truncate it",
-                                 {"index": i, "tokens": n, "max_length": limit})
+                return ErrorInfo(413, "document_too_long", f"texts[{i}] has more than {limit} tokens, the model's "
+                                 f"max_length; send truncate=true to truncate it",
+                                 {"field": f"texts[{i}]", "index": i, "max_length": limit})
         return None
 
     def _encode(self, texts: list[str], token_ids: list[list[int]], limit: int) -> dict[str, tuple[Memory, int]]:
         """Encode (on first use this loads the encoder) and cache; values are (memory at r0, untruncated length)."""
-        if not texts:
-            return {}
-        with self.model_lock:
-            mems = self.reranker.encode_ids([list(ids[:limit]) for ids in token_ids], ratio=self.reader.ratio)
+        kept = [list(ids[:limit]) for ids in token_ids]
         out = {}
-        for t, ids, mem in zip(texts, token_ids, mems):
-            self.texts.put(TextMemoryCache.key(t, limit), mem, len(ids))
-            out[t] = (mem, len(ids))
+        # in steps of at most encode_step_tokens, taking the model lock per step: decodes of other requests run
+        # between a large request's steps
+        for step in token_budget_batches([len(k) for k in kept], self.reranker.batch_size, self.encode_step_tokens):
+            with self.model_lock:
+                mems = self.reranker.encode_ids([kept[i] for i in step], ratio=self.reader.ratio)
+            for i, mem in zip(step, mems):
+                self.texts.put(TextMemoryCache.key(texts[i], limit), mem, len(token_ids[i]))
+                out[texts[i]] = (mem, len(token_ids[i]))
         return out
 
     # ----- scoring -----------------------------------------------------------------------------------------------
@@ -211,14 +275,36 @@ class BatchLimits:
 
     max_batch_size: int
     max_pairs_per_batch: int
+    max_batch_tokens: int = 2048
 
-    def size(self, chunks: list["_Chunk"]) -> int:
+    def size(self, chunks: list[_Chunk]) -> int:
         pairs = sum(len(c.prompts) for c in chunks)
         if len(chunks) == 1:
             return min(pairs, self.max_pairs_per_batch)  # a lone chunk always fits, even after a reconfigure
-        if len(chunks) > self.max_batch_size:
+        if len(chunks) > self.max_batch_size or sum(c.tokens for c in chunks) > self.max_batch_tokens:
             return self.max_pairs_per_batch + 1  # over budget: serve.batch defers the last chunk
         return pairs
+
+    def chunks(self, job_key: int, prompts: list[list[int]], memories: list[Memory]) -> list[_Chunk]:
+        """Consecutive pairs cut into chunks of at most ``max_pairs_per_batch`` pairs and ``max_batch_tokens``
+        (prompt tokens, padded to 8 as the decoder pads them, + memory vectors); a lone oversized pair still forms
+        a chunk of its own."""
+        out: list[_Chunk] = []
+        start, tokens = 0, 0
+        for i, (p, m) in enumerate(zip(prompts, memories)):
+            cost = pair_cost(p, m)
+            if i > start and (i - start >= self.max_pairs_per_batch or tokens + cost > self.max_batch_tokens):
+                out.append(_Chunk(job_key, prompts[start:i], memories[start:i], self, tokens))
+                start, tokens = i, 0
+            tokens += cost
+        if start < len(prompts):
+            out.append(_Chunk(job_key, prompts[start:], memories[start:], self, tokens))
+        return out
+
+
+def pair_cost(prompt: list[int], memory: Memory) -> int:
+    """A pair's share of a decoder batch: its prompt tokens (padded to 8) + its memory vectors."""
+    return round_up(len(prompt), 8) + memory.vectors.shape[0]
 
 
 @dataclass
@@ -227,6 +313,7 @@ class _Chunk:
     prompts: list[list[int]]
     memories: list[Memory]
     limits: BatchLimits
+    tokens: int = 0
 
 
 def _batch_size(chunks: list[_Chunk]) -> int:
@@ -244,7 +331,8 @@ class BatchStats:
 
     def record(self, chunks: list[_Chunk]) -> None:
         requests, pairs = len({c.job_key for c in chunks}), sum(len(c.prompts) for c in chunks)
-        self.recent.append({"requests": requests, "chunks": len(chunks), "pairs": pairs})
+        self.recent.append({"requests": requests, "chunks": len(chunks), "pairs": pairs,
+                            "tokens": sum(c.tokens for c in chunks)})
         self.batches, self.pairs = self.batches + 1, self.pairs + pairs
         self.max_requests, self.max_pairs = max(self.max_requests, requests), max(self.max_pairs, pairs)
         self.multi_request_batches += requests > 1
@@ -269,13 +357,14 @@ class KaLMScorer:
             torch.set_num_threads(cfg.torch_threads)
         self.core = ScorerCore(cfg)
         self.stats = BatchStats()
-        self.limits = BatchLimits(cfg.max_batch_size, cfg.max_pairs_per_batch)
+        self.limits = BatchLimits(cfg.max_batch_size, cfg.max_pairs_per_batch, cfg.max_batch_tokens)
         self._jobs = self._ongoing = 0
         self.reconfigure(cfg.batching())
 
     def reconfigure(self, user_config: dict) -> None:
         b = BatchingConfig.model_validate(user_config or {})
         self.limits.max_batch_size, self.limits.max_pairs_per_batch = b.max_batch_size, b.max_pairs_per_batch
+        self.limits.max_batch_tokens, self.core.encode_step_tokens = b.max_batch_tokens, b.max_encode_tokens
         self.batching = b
         self.core.reranker.batch_size = b.max_pairs_per_batch
         self._score_batch.set_max_batch_size(b.max_pairs_per_batch)
@@ -295,10 +384,10 @@ class KaLMScorer:
             out.error = resolved
             return out
         self._jobs += 1
-        step = self.limits.max_pairs_per_batch
-        chunks = [_Chunk(self._jobs, resolved.prompts[i: i + step], resolved.memories[i: i + step], self.limits)
-                  for i in range(0, len(resolved.prompts), step)]
-        parts = await asyncio.gather(*(self._score_batch(c) for c in chunks))
+        # one chunk of a request in the batch queue at a time: the queue then holds at most one chunk per request,
+        # so a small request sent while a large one runs waits for one batch, not for all of the large one's
+        parts = [await self._score_batch(c) for c in self.limits.chunks(self._jobs, resolved.prompts,
+                                                                         resolved.memories)]
         for s in parts:
             out.p_yes += s.p_yes.tolist()
             out.margin += s.margin.tolist()
@@ -332,3 +421,7 @@ class KaLMScorer:
 
     def ping(self) -> bool:
         return True
+
+    def ready(self) -> bool:
+        """True once the store is open and the decoder loaded (the constructor does both before Serve routes here)."""
+        return self.core.ready
