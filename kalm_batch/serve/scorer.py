@@ -1,7 +1,7 @@
 """The scorer deployment: store memories (or freshly encoded raw texts) through the decoder half, batched.
 
 ``ScorerCore`` is the Ray-free part: it opens the store, refuses a store whose fingerprint does not match the model
-(``StoreReader.check_model``), resolves a ``ScoreJob`` into (prompt ids, memory) pairs and runs the decoder. Only
+(``kalm_batch.store.check_compatible``), resolves a ``ScoreJob`` into (prompt ids, memory) pairs and runs the decoder. Only
 the decoder half is loaded at start-up; the encoder is loaded the first time a raw-text request arrives, and raw-text
 memories are cached by sha256 of the text (and the truncation length) in a bounded LRU.
 
@@ -29,7 +29,7 @@ from ray import serve
 from kalm_batch.reranker import KaLMReranker, Memory, Scores
 from kalm_batch.prompts import document_text
 from kalm_batch.serve.schemas import BatchingConfig, ErrorInfo, ScoreJob, ScoreOutcome, ServeConfig
-from kalm_batch.store import open_store
+from kalm_batch.store import check_compatible, open_store
 
 logger = logging.getLogger("ray.serve")
 _MAX_LISTED_IDS = 50
@@ -86,14 +86,10 @@ class ScorerCore:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.reader = open_store(cfg.store, storage_options=cfg.storage_options, cache_bytes=cfg.cache_bytes)
-        m = self.reader.manifest
-        self.reranker = KaLMReranker(cfg.model, device=cfg.device, dtype=cfg.dtype, chunk_size=m.ratio,
-                                     max_length=m.max_length, batch_size=cfg.max_pairs_per_batch,
+        self.reranker = KaLMReranker(cfg.model, device=cfg.device, dtype=cfg.dtype, chunk_size=self.reader.ratio,
+                                     max_length=self.reader.summary()["max_length"], batch_size=cfg.max_pairs_per_batch,
                                      max_tokens_per_batch=cfg.max_tokens_per_batch)
-        self.reader.check_model(self.reranker.fingerprint, allow_mismatch=cfg.allow_mismatch)
-        if m.hidden_size != self.reranker.hidden_size:
-            raise ValueError(f"store {cfg.store} holds {m.hidden_size}-wide memories but model {cfg.model} has "
-                             f"hidden size {self.reranker.hidden_size}; serve the model that made the store")
+        check_compatible(self.reader, self.reranker, allow_mismatch=cfg.allow_mismatch)
         self.texts = TextMemoryCache(cfg.text_cache_bytes)
         self.model_lock = threading.Lock()  # one forward at a time: encode and decode share the cores
         self.reranker.decoder_half  # noqa: B018 - load the decoder now, so the first request is not slow
@@ -192,13 +188,13 @@ class ScorerCore:
         return getattr(self.reranker, "_encoder", None) is not None
 
     def info(self) -> dict:
-        r, m = self.reranker, self.reader.manifest
+        r = self.reranker
         return {
             "model": {"id": self.cfg.model, "fingerprint": r.fingerprint.to_dict(), "dtype": str(r.dtype).replace(
                 "torch.", ""), "device": str(r.device), "hidden_size": r.hidden_size, "max_length": r.max_length,
                 "query_max_length": r.query_max_length, "decoder_loaded": r._decoder is not None,
                 "encoder_loaded": self.encoder_loaded},
-            "store": {"url": self.cfg.store, "documents": len(self.reader), **m.summary()},
+            "store": {"url": self.cfg.store, "documents": len(self.reader), **self.reader.summary()},
             "ratios": self.reader.ratios,
             "cache": self.reader.cache_info(),
             "text_cache": self.texts.info(),

@@ -104,6 +104,11 @@ class StoreWriter:
     def version(self) -> int:
         return self._dt.version()
 
+    @property
+    def rows(self) -> int:
+        """Doc ids in the version this writer last saw (or committed)."""
+        return len(self._ids)
+
     # ----- prepare ---------------------------------------------------------------------------------------------
     def prepare(self, *, overwrite: bool = False) -> dict[str, str]:
         """Create the table (version 0: settings, no rows) or check its settings; return {doc_id: text_sha256}."""
