@@ -289,7 +289,9 @@ class StoreReader:
         except Exception as e:  # noqa: BLE001 - the row read reports the file's failure with its name
             log.debug("ranged read of %s failed (%s); reading rows instead", file, e)
             return None
-        return {s: b for (s, _), b in zip(merged, got) if isinstance(b, (bytes, bytearray))}
+        if any(not isinstance(b, (bytes, bytearray)) or len(b) != e - s for (s, e), b in zip(merged, got)):
+            return None  # a failed or short read (a truncated file): the row read decides, and names the file
+        return {s: b for (s, _), b in zip(merged, got)}
 
     def _read_rows(self, file: str, wanted: list[tuple[str, int]], found: dict, corrupt: dict) -> None:
         try:
