@@ -143,14 +143,14 @@ def test_a_store_is_a_delta_table_that_other_tools_read(root, reranker):
 
     rr, docs, url = reranker(4), make_docs(12), fsio.join_url(root, "m")
     commit = build_store(url, rr, docs, shard_rows=5)
-    assert (commit.version, commit.new, commit.refreshed, commit.deleted, commit.files_added) == (1, 12, 0, 0, 3)
+    assert (commit.version, commit.new, commit.refreshed, commit.deleted, commit.files_added) == (0, 12, 0, 0, 3)
     reader = open_store(url)
-    assert (reader.version, len(reader)) == (1, 12)
+    assert (reader.version, len(reader)) == (0, 12)
     assert (reader.ratio, reader.dtype, reader.hidden_size, reader.codec) == (4, "bfloat16", rr.hidden_size,
                                                                                 "byteplane+zstd")
     assert reader.fingerprint == rr.fingerprint.to_dict()
     s = reader.summary()
-    assert (s["url"], s["version"], s["rows"], s["files"], s["model_id"]) == (url, 1, 12, 3, rr.fingerprint.model_id)
+    assert (s["url"], s["version"], s["rows"], s["files"], s["model_id"]) == (url, 0, 12, 3, rr.fingerprint.model_id)
     assert (s["schema_version"], s["package_version"], s["max_length"]) == (SCHEMA_VERSION, kalm_batch.__version__,
                                                                              MAX_LENGTH)
     tokens = {d: len(ids) for d, ids in zip(docs, rr.tokenize_documents(list(docs.values())))}
@@ -161,7 +161,7 @@ def test_a_store_is_a_delta_table_that_other_tools_read(root, reranker):
     assert dict(zip(table.column("doc_id").to_pylist(), table.column("n_tokens").to_pylist())) == tokens
     assert s["memory_bytes"] == sum(len(p) for p in table.column("memory").to_pylist())
     opts = delta_options(url)
-    frame = pl.read_delta(table_uri(url), version=1, storage_options=opts or None)
+    frame = pl.read_delta(table_uri(url), version=0, storage_options=opts or None)
     assert sorted(frame["doc_id"].to_list()) == sorted(docs)
     got = reader.fetch(list(docs)).memories
     for row in frame.iter_rows(named=True):  # the bytes other tools read decode to what kalm-batch serves
@@ -355,7 +355,7 @@ def test_a_corrupt_record_is_reported_and_its_neighbours_still_decode(tmp_path, 
     got = reader.fetch(list(docs))
     assert list(got.corrupt) == ["d3"] and got.missing == []
     message = got.corrupt["d3"]
-    assert file in message and "version 1" in message and "'d3'" in message and url in message
+    assert file in message and "version 0" in message and "'d3'" in message and url in message
     assert_same_memories(got.memories, {d: m for d, m in encoded(rr, docs).items() if d != "d3"})
     with pytest.raises(CorruptRecordError, match=file):
         reader.get("d3")
@@ -377,13 +377,13 @@ def test_a_truncated_data_file_stays_partial(root, reranker, caplog):
         got = reader.fetch(list(docs))
         again = reader.fetch(lost)
     assert sorted(got.corrupt) == lost == sorted(again.corrupt) and got.missing == []
-    assert all(victim in m and "version 1" in m for m in got.corrupt.values())
+    assert all(victim in m and "version 0" in m for m in got.corrupt.values())
     assert_same_memories(got.memories, {d: m for d, m in encoded(rr, docs).items() if d not in lost}, atol=0)
     assert sum(victim in r.getMessage() for r in caplog.records) == 1  # reported once
     report = reader.verify()
     assert report["records_ok"] == len(docs) - len(lost) and sorted(report["corrupt"]) == lost
     assert list(report["bad_files"]) == [victim]
-    assert report["bad_files"][victim]["version"] == 1 and sorted(report["bad_files"][victim]["doc_ids"]) == lost
+    assert report["bad_files"][victim]["version"] == 0 and sorted(report["bad_files"][victim]["doc_ids"]) == lost
 
 
 def test_store_files_are_readable_by_others_as_the_umask_allows(tmp_path, reranker):
@@ -411,17 +411,17 @@ def test_refresh_replaces_changed_adds_new_deletes_missing_and_keeps_old_version
     counting = CountingEncoder(rr)
     commit = build_store(url, counting, changed, dtype="float32", shard_rows=4, delete_missing=True)
     assert sorted(counting.texts) == sorted(["d2 was edited today", "a brand new passage"])  # nothing else encoded
-    assert (commit.version, commit.new, commit.refreshed, commit.deleted) == (2, 1, 1, 1)
+    assert (commit.version, commit.new, commit.refreshed, commit.deleted) == (1, 1, 1, 1)
     latest = open_store(url)
-    assert latest.version == 2 and sorted(delta(url).to_pyarrow_table().column("doc_id").to_pylist()) == sorted(
+    assert latest.version == 1 and sorted(delta(url).to_pyarrow_table().column("doc_id").to_pylist()) == sorted(
         changed)  # each id once, as deltalake itself sees it
     want = {**{d: m for d, m in v1.items() if d in changed}, **encoded(rr, {d: changed[d] for d in ("d2", "n1")})}
     assert_same_memories(latest.fetch(list(changed)).memories, want)
-    old = open_store(url, version=1)  # time travel: version 1 is untouched
-    assert old.version == 1 and len(old) == 10 and "n1" not in old
+    old = open_store(url, version=0)  # time travel: version 0 is untouched
+    assert old.version == 0 and len(old) == 10 and "n1" not in old
     assert_same_memories(old.fetch(list(docs)).memories, v1)
     assert build_store(url, CountingEncoder(rr), changed, dtype="float32", delete_missing=True) is None  # no-op
-    assert open_store(url).version == 2
+    assert open_store(url).version == 1
     kept = build_store(url, rr, {"d0": docs["d0"]}, dtype="float32")  # without delete_missing nothing is removed
     assert kept is None and len(open_store(url)) == len(changed)
 
@@ -438,10 +438,11 @@ def test_no_refresh_keeps_stale_memories(tmp_path, reranker):
 def test_a_version_that_does_not_exist_is_a_clear_error(tmp_path, reranker):
     url = str(tmp_path / "s")
     build_store(url, reranker(4), make_docs(2))
+    build_store(url, reranker(4), make_docs(3))
     for bad in (2, 99, -1):
         with pytest.raises(StoreVersionError, match=r"has no version .*versions are 0\.\.1"):
             open_store(url, version=bad)
-    assert open_store(url, version=0).version == 0 and len(open_store(url, version=0)) == 0
+    assert (open_store(url, version=0).version, len(open_store(url, version=0)), len(open_store(url))) == (0, 2, 3)
 
 
 def test_no_store_and_an_old_layout_store_are_refused_with_what_to_do(tmp_path, reranker):
@@ -466,16 +467,22 @@ def test_other_settings_are_refused_and_overwrite_is_a_new_version(tmp_path, rer
     with pytest.raises(StoreMismatchError, match="dtype"):
         build_store(url, reranker(4), make_docs(4), dtype="int8")
     commit = build_store(url, reranker(8), make_docs(3), overwrite=True)
-    assert commit.version == 3  # 2 = the overwrite (new settings, no rows), 3 = the rows
-    now, before = open_store(url), open_store(url, version=1)
+    assert commit.version == 2  # 1 = the overwrite (new settings, no rows), 2 = the rows
+    now, before = open_store(url), open_store(url, version=0)
     assert (now.ratio, len(now), before.ratio, len(before)) == (8, 3, 4, 4)
 
 
-@pytest.mark.parametrize("where", ["file", pytest.param("s3", marks=pytest.mark.s3)])
-def test_two_writers_at_once_one_commits_the_other_gets_a_clear_error(request, tmp_path, reranker, where):
+@pytest.mark.parametrize(("where", "fresh"), [("file", False), ("file", True),
+                                               pytest.param("s3", False, marks=pytest.mark.s3),
+                                               pytest.param("s3", True, marks=pytest.mark.s3)])
+def test_two_writers_at_once_one_commits_the_other_gets_a_clear_error(request, tmp_path, reranker, where, fresh):
+    """On an existing store (a version conflict) and on a fresh one (both create the table): one wins."""
     rr = reranker(4)
     url = (request.getfixturevalue("s3_bucket") if where == "s3" else "file://" + str(tmp_path)) + "/store"
-    build_store(url, rr, make_docs(4))
+    before = {} if fresh else make_docs(4)
+    if before:
+        build_store(url, rr, before)
+    base = -1 if fresh else 0
     settings = settings_for(rr, dtype="bfloat16", text_join="as_given")
     a, b = StoreWriter(url, settings, storage_options=None), StoreWriter(url, settings)
     a.prepare()
@@ -488,13 +495,13 @@ def test_two_writers_at_once_one_commits_the_other_gets_a_clear_error(request, t
                             "bfloat16", 3)
 
     fa, fb = a.write(table("a: ")), b.write(table("b: "))
-    assert a.commit([fa]).version == 2
-    with pytest.raises(ConcurrentWriterError, match=r"another writer committed version 2 of .* re-running"):
+    assert a.commit([fa]).version == base + 1
+    with pytest.raises(ConcurrentWriterError, match=rf"another writer committed version {base + 1} of .* re-running"):
         b.commit([fb])
     reader = open_store(url)
-    assert reader.version == 2 and len(reader) == 5
+    assert reader.version == base + 1 and len(reader) == len({*before, *docs})
     ids = delta(url).to_pyarrow_table().column("doc_id").to_pylist()
-    assert sorted(ids) == sorted({*make_docs(4), "x1"})  # nothing of writer b, nothing twice
+    assert sorted(ids) == sorted({*before, *docs})  # nothing of writer b, nothing twice
     assert_same_memories(reader.fetch(["x1"]).memories,
                          quantized({"x1": rr.encode(["a: one passage"])[0]}, "bfloat16"))
 
@@ -525,7 +532,7 @@ def test_check_compatible_accepts_the_encoding_model_only(tmp_path, reranker, ot
     with pytest.raises(StoreMismatchError) as err:
         check_compatible(reader, other)
     message = str(err.value)
-    assert "weights_sha256" in message and url in message and "version 1" in message
+    assert "weights_sha256" in message and url in message and "version 0" in message
     with caplog.at_level(logging.WARNING):
         check_compatible(reader, other, allow_mismatch=True)
     assert "MISMATCH" in caplog.text

@@ -102,7 +102,8 @@ class StoreWriter:
 
     @property
     def version(self) -> int:
-        return self._dt.version()
+        """The table version this writer last saw or committed (-1: no table yet)."""
+        return -1 if self._dt is None else self._dt.version()
 
     @property
     def rows(self) -> int:
@@ -111,48 +112,38 @@ class StoreWriter:
 
     # ----- prepare ---------------------------------------------------------------------------------------------
     def prepare(self, *, overwrite: bool = False) -> dict[str, str]:
-        """Create the table (version 0: settings, no rows) or check its settings; return {doc_id: text_sha256}."""
+        """Check the store's settings against this run's; return the committed {doc_id: text_sha256}.
+
+        A store that does not exist yet is created by the first commit (its version 0 holds the first rows), so a
+        run that dies before committing leaves no table at all."""
         dl = _deltalake()
-        info = TableInfo(package_version=kalm_batch.__version__, created_at=now(), settings=self.settings,
-                         codec=codec_info(self.settings.dtype, self.level))
         try:
             dt = dl.DeltaTable(self._uri, storage_options=self._opts)
         except dl.exceptions.TableNotFoundError:
-            dt = self._create(info, overwrite)
-        else:
-            stored = parse_description(self.url, dt.metadata().description)
-            diffs = stored.settings.differences(self.settings)
-            if diffs and not overwrite:
-                raise StoreMismatchError(
-                    f"{self.url} holds memories made with other settings ({'; '.join(diffs)}). Use another store "
-                    "URL, or pass --overwrite to commit a new version that replaces them (older versions stay "
-                    "readable until vacuumed).")
-            if diffs:
-                dl.DeltaTable.create(self._uri, DATA_SCHEMA, mode="overwrite", name=TABLE_NAME,
-                                     description=info.to_description(), storage_options=self._opts)
-                dt = dl.DeltaTable(self._uri, storage_options=self._opts)
+            if fsio.exists(fsio.join_url(self.url, OLD_MANIFEST), self.storage_options):
+                if not overwrite:
+                    refuse_missing_table(self.url, self.storage_options)  # raises OldLayoutError
+                _clear_old_layout(self.url, self.storage_options)
+            self._dt, self._ids = None, {}
+            return {}
+        stored = parse_description(self.url, dt.metadata().description)
+        diffs = stored.settings.differences(self.settings)
+        if diffs and not overwrite:
+            raise StoreMismatchError(
+                f"{self.url} holds memories made with other settings ({'; '.join(diffs)}). Use another store "
+                "URL, or pass --overwrite to commit a new version that replaces them (older versions stay "
+                "readable until vacuumed).")
+        if diffs:
+            dl.DeltaTable.create(self._uri, DATA_SCHEMA, mode="overwrite", name=TABLE_NAME,
+                                 description=self._table_info().to_description(), storage_options=self._opts)
+            dt = dl.DeltaTable(self._uri, storage_options=self._opts)
         self._dt = dt
         self._ids = self._load_ids(self._files())
         return {d: sha for d, (_, sha) in self._ids.items()}
 
-    def _create(self, info: TableInfo, overwrite: bool):
-        dl = _deltalake()
-        if fsio.exists(fsio.join_url(self.url, OLD_MANIFEST), self.storage_options):
-            if not overwrite:
-                refuse_missing_table(self.url, self.storage_options)  # raises OldLayoutError
-            _clear_old_layout(self.url, self.storage_options)
-        try:
-            dl.DeltaTable.create(self._uri, DATA_SCHEMA, mode="error", name=TABLE_NAME,
-                                 description=info.to_description(), storage_options=self._opts)
-        except Exception as e:  # another writer created it first: use theirs (settings are checked by the caller)
-            if "exist" not in str(e).lower():
-                raise
-        dt = dl.DeltaTable(self._uri, storage_options=self._opts)
-        stored = parse_description(self.url, dt.metadata().description)
-        if stored.settings.differences(self.settings):
-            raise StoreMismatchError(f"{self.url} was just created by another writer with other settings: "
-                                     + "; ".join(stored.settings.differences(self.settings)))
-        return dt
+    def _table_info(self) -> TableInfo:
+        return TableInfo(package_version=kalm_batch.__version__, created_at=now(), settings=self.settings,
+                         codec=codec_info(self.settings.dtype, self.level))
 
     def _files(self) -> list[str]:
         return self._dt.get_add_actions(flatten=True).column("path").to_pylist()
@@ -216,10 +207,20 @@ class StoreWriter:
         if self.errors_url:
             meta["kalm.errors"] = self.errors_url
         base = self.version
+        props = CommitProperties(custom_metadata=meta, max_commit_retries=0)
         try:
-            self._dt.create_write_transaction(actions, "append", DATA_SCHEMA, commit_properties=CommitProperties(
-                custom_metadata=meta, max_commit_retries=0))
-        except _deltalake().exceptions.CommitFailedError as e:
+            if self._dt is None:  # the first commit creates the table, with the settings in its metadata
+                from deltalake.transaction import create_table_with_add_actions
+
+                schema = _deltalake().Schema.from_arrow(DATA_SCHEMA)
+                create_table_with_add_actions(self._uri, schema, actions, mode="error", name=TABLE_NAME,
+                                              description=self._table_info().to_description(),
+                                              storage_options=self._opts, commit_properties=props)
+            else:
+                self._dt.create_write_transaction(actions, "append", DATA_SCHEMA, commit_properties=props)
+        except Exception as e:  # delta-rs: CommitFailedError, or a DeltaError "table exists" on create
+            if not isinstance(e, _deltalake().exceptions.CommitFailedError) and "exist" not in str(e).lower():
+                raise
             raise ConcurrentWriterError(
                 f"another writer committed version {base + 1} of {self.url} while this run was writing (this run's "
                 f"commit on top of version {base} was refused; nothing of it is visible). Run one writer per store "
