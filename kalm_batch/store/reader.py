@@ -120,12 +120,21 @@ class StoreReader:
         self._lock = threading.Lock()
 
     def _load_index(self, files: list[str]) -> VersionIndex:
-        tables = []
+        tables, gone = [], []
         for file, index in read_indexes(self.url, files, self.storage_options).items():
+            if isinstance(index, FileNotFoundError) and not fsio.exists(fsio.join_url(self.url, file),
+                                                                        self.storage_options):
+                gone.append(file)
+                continue
             if isinstance(index, Exception):
                 index = self._index_from_data(file, index)
             if index is not None:
                 tables.append(index)
+        if gone:
+            raise StoreVersionError(
+                f"{self.url} version {self.version} can no longer be read: {len(gone)} of its {len(files)} data files "
+                f"(with their indexes) are gone, e.g. {gone[0]} - removed by `kalm-batch vacuum`, which keeps only "
+                "what the versions of the last --retain-hours need. Read a later version.")
         idx = VersionIndex(files, tables)
         if idx.duplicates:
             log.error("store %s version %d holds %d doc ids twice (e.g. %r); lookups use one copy. Re-run the "
