@@ -29,6 +29,7 @@ from ray import serve
 from kalm_batch.reranker import KaLMReranker, Memory, Scores
 from kalm_batch.prompts import document_text
 from kalm_batch.serve.schemas import BatchingConfig, ErrorInfo, ScoreJob, ScoreOutcome, ServeConfig
+from kalm_batch.serve.follow import StoreFollower
 from kalm_batch.store import check_compatible, open_store
 
 logger = logging.getLogger("ray.serve")
@@ -78,6 +79,7 @@ class Resolved:
     prompts: list[list[int]]
     memories: list[Memory]
     ratio: int
+    store_version: int | None = None  # the store version the memories came from
 
 
 class ScorerCore:
@@ -85,25 +87,40 @@ class ScorerCore:
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
-        self.reader = open_store(cfg.store, storage_options=cfg.storage_options, cache_bytes=cfg.cache_bytes)
-        self.reranker = KaLMReranker(cfg.model, device=cfg.device, dtype=cfg.dtype, chunk_size=self.reader.ratio,
-                                     max_length=self.reader.summary()["max_length"], batch_size=cfg.max_pairs_per_batch,
+        first = open_store(cfg.store, version=cfg.store_version, storage_options=cfg.storage_options, cache_bytes=0)
+        self.reranker = KaLMReranker(cfg.model, device=cfg.device, dtype=cfg.dtype, chunk_size=first.ratio,
+                                     max_length=first.summary()["max_length"], batch_size=cfg.max_pairs_per_batch,
                                      max_tokens_per_batch=cfg.max_tokens_per_batch)
-        check_compatible(self.reader, self.reranker, allow_mismatch=cfg.allow_mismatch)
+        self.follower = StoreFollower(  # owns the current reader; a newer version must pass the same check
+            cfg.store, version=cfg.store_version, poll_s=cfg.store_poll_s, storage_options=cfg.storage_options,
+            cache_bytes=cfg.cache_bytes,
+            check=lambda r: check_compatible(r, self.reranker, allow_mismatch=cfg.allow_mismatch))
         self.texts = TextMemoryCache(cfg.text_cache_bytes)
         self.model_lock = threading.Lock()  # one forward at a time: encode and decode share the cores
         self.reranker.decoder_half  # noqa: B018 - load the decoder now, so the first request is not slow
 
+    @property
+    def reader(self):
+        """The store version requests now start on (``resolve`` takes it once per request)."""
+        return self.follower.current()
+
     # ----- resolving a job ---------------------------------------------------------------------------------------
     def resolve(self, job: ScoreJob) -> Resolved | ErrorInfo:
-        ratio = self.reader.ratio if job.ratio is None else job.ratio
-        if ratio not in self.reader.ratios:
+        reader = self.reader  # one version for the whole request, even if the follower switches meanwhile
+        resolved = self._resolve(job, reader)
+        if isinstance(resolved, Resolved):
+            resolved.store_version = reader.version
+        return resolved
+
+    def _resolve(self, job: ScoreJob, reader) -> Resolved | ErrorInfo:
+        ratio = reader.ratio if job.ratio is None else job.ratio
+        if ratio not in reader.ratios:
             return ErrorInfo(422, "invalid_ratio", f"ratio {job.ratio} cannot be served by this store (stored at "
-                             f"r0={self.reader.ratio}); valid ratios: {self.reader.ratios}",
-                             {"valid_ratios": self.reader.ratios})
+                             f"r0={reader.ratio}); valid ratios: {reader.ratios}",
+                             {"valid_ratios": reader.ratios})
         if job.reject_overlong and (err := self._overlong_query(job.queries)) is not None:
             return err
-        by_id = self._store_memories([d.value for d in job.docs if d.kind == "id"], ratio, job.request_id)
+        by_id = self._store_memories([d.value for d in job.docs if d.kind == "id"], ratio, job.request_id, reader)
         if isinstance(by_id, ErrorInfo):
             return by_id
         by_text = self._text_memories(job, ratio)
@@ -125,15 +142,18 @@ class ScorerCore:
                                  {"tokens": n, "query_max_length": limit})
         return None
 
-    def _store_memories(self, ids: list[str], ratio: int, request_id: str | None) -> dict[str, Memory] | ErrorInfo:
+    def _store_memories(self, ids: list[str], ratio: int, request_id: str | None,
+                        reader=None) -> dict[str, Memory] | ErrorInfo:
         if not ids:
             return {}
-        got = self.reader.fetch(ids, ratio)
+        reader = reader or self.reader
+        got = reader.fetch(ids, ratio)
         if got.missing:
             shown = got.missing[:_MAX_LISTED_IDS]
             more = f" (and {len(got.missing) - len(shown)} more)" if len(got.missing) > len(shown) else ""
             return ErrorInfo(404, "unknown_document_ids", f"{len(got.missing)} document id(s) are not in the "
-                             f"store: {shown}{more}", {"unknown_document_ids": shown})
+                             f"store (version {reader.version}): {shown}{more}",
+                             {"unknown_document_ids": shown, "store_version": reader.version})
         if got.corrupt:
             logger.error("request %s: corrupt store records: %s", request_id, got.corrupt)
             return ErrorInfo(500, "corrupt_record", "corrupt store record(s): " + "; ".join(got.corrupt.values()),
@@ -194,7 +214,8 @@ class ScorerCore:
                 "torch.", ""), "device": str(r.device), "hidden_size": r.hidden_size, "max_length": r.max_length,
                 "query_max_length": r.query_max_length, "decoder_loaded": r._decoder is not None,
                 "encoder_loaded": self.encoder_loaded},
-            "store": {"url": self.cfg.store, "documents": len(self.reader), **self.reader.summary()},
+            "store": {"url": self.cfg.store, "documents": len(self.reader), **self.reader.summary(),
+                      "follow": self.follower.info()},
             "ratios": self.reader.ratios,
             "cache": self.reader.cache_info(),
             "text_cache": self.texts.info(),
@@ -301,6 +322,7 @@ class KaLMScorer:
         out.doc_tokens = [m.n_tokens for m in resolved.memories]
         out.prompt_tokens = [len(p) for p in resolved.prompts]
         out.ratio = resolved.ratio
+        out.store_version = resolved.store_version
         return out
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.01, batch_size_fn=_batch_size)
