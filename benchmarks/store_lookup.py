@@ -29,12 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import machine  # noqa: E402
+from common import machine
 
-from kalm_batch.memory import Memory  # noqa: E402
-from kalm_batch.store import StoreSettings, StoreWriter, open_store  # noqa: E402
-from kalm_batch.store.layout import DATA_SCHEMA, write_data_file  # noqa: E402
-from kalm_batch.store.writer import memory_table  # noqa: E402
+from kalm_batch.memory import Memory
+from kalm_batch.store import StoreSettings, StoreWriter, open_store
+from kalm_batch.store.layout import DATA_SCHEMA, write_data_file
+from kalm_batch.store.writer import memory_table
 
 HIDDEN, RATIO = 640, 4
 
