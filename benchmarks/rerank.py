@@ -62,8 +62,8 @@ def _prepare(work: Path, n_docs: int, n_queries: int):
     write_trec_run(rows, run, tag="first")
     encoder = KaLMReranker(str(model), dtype="bfloat16", chunk_size=4, max_length=512)
     t = time.perf_counter()
-    manifest = build_store(f"file://{work}/store", encoder, corpus, dtype="bfloat16", overwrite=True)
-    built = manifest.input.get("stored_new", 0)
+    commit = build_store(f"file://{work}/store", encoder, corpus, dtype="bfloat16", overwrite=True)
+    built = commit.new + commit.refreshed if commit else 0
     note = f"built in {time.perf_counter() - t:.1f} s" if built else "reused from --work-dir"
     return str(model), info.queries_path, run, f"file://{work}/store", queries, rows, note
 

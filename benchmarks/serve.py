@@ -86,7 +86,7 @@ def prepare_store(kind: str, model_dir: Path, docs: dict[str, str], workdir: Pat
     from kalm_batch.store.writer import build_store
 
     store = workdir / f"store-{kind}-{len(docs)}-{max_length}"
-    if not (store / "manifest.json").exists():
+    if not (store / "_delta_log").exists():
         build_store(str(store), KaLMReranker(str(model_dir), max_length=max_length), docs)
     return str(store)
 
@@ -180,7 +180,7 @@ def in_process(model_dir: Path, store: str, requests: list[tuple], max_pairs: in
     from kalm_batch.store import open_store
 
     reader = open_store(store)
-    r = KaLMReranker(str(model_dir), chunk_size=reader.ratio, max_length=reader.manifest.max_length,
+    r = KaLMReranker(str(model_dir), chunk_size=reader.ratio, max_length=reader.summary()["max_length"],
                      batch_size=max_pairs)
     r.score(requests[0][0], [reader.get(requests[0][1][0])])  # load the decoder outside the timing
     group = max(1, max_pairs // len(requests[0][1]))  # requests per batch

@@ -17,7 +17,7 @@ _EXPORTS = {
     "DEFAULT_MODEL": "kalm_batch.model",
     "DEFAULT_SYSTEM_INSTRUCTION": "kalm_batch.prompts",
     "KaLMReranker": "kalm_batch.reranker",
-    "Memory": "kalm_batch.reranker",
+    "Memory": "kalm_batch.memory",
     "ModelFingerprint": "kalm_batch.model",
     "Scores": "kalm_batch.reranker",
     "coarsen": "kalm_batch.pooling",

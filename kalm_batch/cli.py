@@ -64,13 +64,40 @@ def _encode(ns) -> int:
 def _inspect(ns) -> int:
     from kalm_batch.store import open_store
 
-    reader = open_store(ns.store)
-    out = {"store": ns.store, **reader.manifest.summary(), "settings": reader.manifest.settings.model_dump(),
-           "input": reader.manifest.input, "ratios": reader.ratios}
+    reader = open_store(ns.store, version=ns.version)
+    out = {"store": ns.store, **reader.summary(), "ratios": reader.ratios}
     if ns.verify:
         out["verify"] = reader.verify()
     print(json.dumps(out, indent=2, ensure_ascii=False))
-    return 1 if ns.verify and out["verify"]["records_corrupt"] else 0
+    return 1 if ns.verify and (out["verify"]["records_corrupt"] or out["verify"]["bad_files"]) else 0
+
+
+def _history(ns) -> int:
+    from kalm_batch.store import history
+
+    rows = history(ns.store, limit=ns.limit)
+    if ns.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    keys = ["version", "time", "operation", "rows_added", "rows_removed", "new", "refreshed", "deleted"]
+    print("  ".join(f"{k:>12}" if k != "time" else f"{k:<25}" for k in keys))
+    for r in rows:
+        print("  ".join(f"{r[k]!s:>12}" if k != "time" else f"{r[k]:<25}" for k in keys))
+    return 0
+
+
+def _compact(ns) -> int:
+    from kalm_batch.store import compact
+
+    print(json.dumps(compact(ns.store, target_rows=ns.target_rows), indent=2))
+    return 0
+
+
+def _vacuum(ns) -> int:
+    from kalm_batch.store import vacuum
+
+    print(json.dumps(vacuum(ns.store, retain_hours=ns.retain_hours, force=ns.force, dry_run=ns.dry_run), indent=2))
+    return 0
 
 
 def _rerank(ns) -> int:
@@ -147,10 +174,34 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         add_model_arguments(s, EncodeConfig)
     s.set_defaults(fn=_encode)
 
-    s = sub.add_parser("inspect", help="manifest summary of a store; --verify checks every checksum")
+    s = sub.add_parser("inspect", help="summary of a store version (settings, fingerprint, rows); --verify checks "
+                                       "every checksum")
     s.add_argument("store")
+    s.add_argument("--version", type=int, default=None, help="table version (default: the latest)")
     s.add_argument("--verify", action="store_true")
     s.set_defaults(fn=_inspect)
+
+    s = sub.add_parser("history", help="a store's versions: time, operation, rows added / removed")
+    s.add_argument("store")
+    s.add_argument("--limit", type=int, default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_history)
+
+    s = sub.add_parser("compact", help="merge a store's small data files (one new version, same memories)")
+    s.add_argument("store")
+    s.add_argument("--target-rows", type=int, default=1024, help="passages per merged data file")
+    s.set_defaults(fn=_compact)
+
+    from kalm_batch.store.maintenance import DEFAULT_RETAIN_HOURS, MIN_RETAIN_HOURS
+
+    s = sub.add_parser("vacuum", help="delete data files that no version of the last --retain-hours needs")
+    s.add_argument("store")
+    s.add_argument("--retain-hours", type=float, default=DEFAULT_RETAIN_HOURS,
+                   help=f"keep what versions of the last H hours need (default {DEFAULT_RETAIN_HOURS}; less than "
+                        f"{MIN_RETAIN_HOURS} needs --force)")
+    s.add_argument("--force", action="store_true", help="allow a retention below the minimum")
+    s.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+    s.set_defaults(fn=_vacuum)
 
     s = sub.add_parser("rerank", help="rerank query logs against a memory store (Ray Data job)")
     if command == "rerank":
@@ -186,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from kalm_batch.store.manifest import StoreError
+    from kalm_batch.store.errors import StoreError
 
     try:
         return ns.fn(ns)

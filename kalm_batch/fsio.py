@@ -215,11 +215,26 @@ def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
     return _run("read", url, lambda: fs.cat_file(path))
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask alone must set it to read it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _write_local_atomic(path: str, data: bytes) -> None:
     parent = os.path.dirname(path) or "."
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would give what the umask allows
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

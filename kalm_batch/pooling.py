@@ -76,8 +76,9 @@ def coarsen(memory: torch.Tensor, n_tokens: int, r0: int, r: int) -> torch.Tenso
     ``memory`` is [ceil(n_tokens / r0), D]. Computed in float64 and returned in float32, so the result equals pooling
     the token states at ``r`` up to float32 rounding.
     """
-    check_ratio(r0, allow_none=False)
-    check_ratio(r, allow_none=False)
+    for name, value in (("r0", r0), ("r", r)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"coarsening needs positive integer ratios; got {name}={value!r}")
     if r % r0:
         raise ValueError(f"cannot read a memory stored at ratio {r0} at ratio {r}: r must be a multiple of {r0}")
     expected = n_vectors(n_tokens, r0)

@@ -15,31 +15,12 @@ import torch
 
 from kalm_batch import model as M
 from kalm_batch.batching import PaddingStats, round_up, token_budget_batches
-from kalm_batch.pooling import check_ratio, coarsen, mep_pool, n_vectors
+from kalm_batch.memory import Memory  # re-exported: kalm_batch.reranker.Memory
+from kalm_batch.pooling import check_ratio, mep_pool, n_vectors
 from kalm_batch.prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_INSTRUCTION, decoder_text, document_text
 from kalm_batch.textlimits import tokenize_prefix
 
 _UNSET = object()
-
-
-@dataclass
-class Memory:
-    """One passage's pooled encoder states: ``vectors`` [n_vectors, hidden] on CPU, made from ``n_tokens`` tokens."""
-
-    vectors: torch.Tensor
-    n_tokens: int
-    ratio: int | None
-
-    def to_numpy(self) -> np.ndarray:
-        return self.vectors.float().numpy()
-
-    def at_ratio(self, r: int) -> "Memory":
-        """The same passage pooled at ``r`` (a multiple of this memory's ratio), exactly."""
-        if r == self.ratio:
-            return self
-        if self.ratio is None:
-            raise ValueError("an unpooled memory cannot be coarsened; encode with a ratio instead")
-        return Memory(coarsen(self.vectors, self.n_tokens, self.ratio, r), self.n_tokens, r)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ import pytest
 from kalm_batch.pipelines import cluster
 
 
-@pytest.mark.parametrize("module", ["kalm_batch.corpus", "kalm_batch.store.writer", "kalm_batch.store.manifest",
+@pytest.mark.parametrize("module", ["kalm_batch.corpus", "kalm_batch.store.writer", "kalm_batch.store.settings",
+                                    "kalm_batch.store.layout",
                                     "kalm_batch.pipelines.encode_stages", "kalm_batch.codec", "kalm_batch.fsio"])
 def test_light_modules_do_not_import_torch_or_transformers(module):
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"

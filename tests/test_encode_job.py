@@ -18,8 +18,8 @@ from kalm_batch.pipelines import encode_stages as S
 from kalm_batch.pipelines.encode import EncodeConfig, NoGoodRowsError, default_rows_per_task, run_encode
 from kalm_batch.pooling import n_vectors
 from kalm_batch.sample import write_sample_corpus
-from kalm_batch.store import StoreMismatchError, load_manifest, open_store
-from kalm_batch.store.manifest import IncompleteStoreError
+from kalm_batch.store import IncompleteStoreError, StoreMismatchError, history, open_store
+from kalm_batch.store.settings import delta_options, table_uri
 
 pytestmark = [pytest.mark.ray]
 MAX_LEN = 64
@@ -48,6 +48,14 @@ def _cfg(model, corpus, store, **kw) -> EncodeConfig:
     return EncodeConfig(**base)
 
 
+def _table(store: str, version: int | None = None):
+    """The store's rows as deltalake alone reads them (every copy of every id)."""
+    import deltalake
+
+    return deltalake.DeltaTable(table_uri(store), version=version, storage_options=delta_options(store)
+                                ).to_pyarrow_table()
+
+
 def _corpus_texts(path) -> dict[str, str]:
     out = {}
     for line in Path(path).read_text().splitlines():
@@ -56,10 +64,10 @@ def _corpus_texts(path) -> dict[str, str]:
     return out
 
 
-def _assert_store_matches_core(store_url, model_dir, texts: dict[str, str], ratio=4):
+def _assert_store_matches_core(store_url, model_dir, texts: dict[str, str], ratio=4, max_length=MAX_LEN):
     reader = open_store(store_url)
     assert len(reader) == len(texts)
-    core = KaLMReranker(str(model_dir), dtype="float32", max_length=MAX_LEN, chunk_size=ratio)
+    core = KaLMReranker(str(model_dir), dtype="float32", max_length=max_length, chunk_size=ratio)
     ids = sorted(texts)
     fetched = reader.fetch(ids)
     assert not fetched.missing and not fetched.corrupt
@@ -78,36 +86,69 @@ def test_encode_sample_corpus_to_local_store(tiny_model_dir, sample, tmp_path):
     # the encoder actor's busy time is part of the job's time; its load time is reported on its own
     assert 0 < summary.encoder_seconds <= summary.seconds and 0 < summary.encoder_busy_share <= 1
     assert 0 < summary.encoder_load_seconds < summary.seconds
-    m = load_manifest(store)
-    assert m.rows == len(texts) and sum(s.rows for s in m.shards) == m.rows and len(m.shards) >= 3
-    assert m.settings.ratio == 4 and m.settings.dtype == "float32" and m.settings.max_length == MAX_LEN
-    assert m.input["input_rows"] == m.input["stored_new"] + m.input["rejected"] and m.input["files"] == 1
+    reader = open_store(store)
+    s = reader.summary()
+    assert s["rows"] == len(texts) == summary.store_rows and s["files"] >= 3 and s["version"] == summary.version
+    assert (s["ratio"], s["dtype"], s["max_length"]) == (4, "float32", MAX_LEN)
+    assert sorted(_table(store).column("doc_id").to_pylist()) == sorted(texts)  # each id once
     _assert_store_matches_core(store, tiny_model_dir, texts)
-    assert open_store(store).verify()["records_corrupt"] == 0
+    assert reader.verify()["records_corrupt"] == 0
 
-    again = run_encode(_cfg(tiny_model_dir, sample.corpus_path, store))  # same command: nothing new
-    assert again.stored_new == 0 and again.skipped_existing == len(texts)
-    assert load_manifest(store).shards == m.shards
+    again = run_encode(_cfg(tiny_model_dir, sample.corpus_path, store))  # same command: nothing new, no new version
+    assert again.stored_new == again.refreshed == again.commits == 0 and again.skipped_existing == len(texts)
+    assert again.version == summary.version == open_store(store).version
 
 
-def test_resume_reports_passages_whose_text_changed(tiny_model_dir, sample, tmp_path):
+def _edit_corpus(src, dst: Path, *, edit: int, drop: int, new: list[dict]) -> list[dict]:
+    rows = [json.loads(line) for line in Path(src).read_text().splitlines()]
+    rows[edit]["text"] += " (edited)"
+    del rows[drop]
+    rows += new
+    dst.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_refresh_replaces_changed_adds_new_and_deletes_missing_only_when_asked(tiny_model_dir, sample, tmp_path):
+    store = str(tmp_path / "store")
+    first = run_encode(_cfg(tiny_model_dir, sample.corpus_path, store))
+    old_texts = _corpus_texts(sample.corpus_path)
+    edited = tmp_path / "edited.jsonl"
+    rows = _edit_corpus(sample.corpus_path, edited, edit=3, drop=5,
+                        new=[{"_id": "new-1", "title": "", "text": "a passage added today"}])
+    removed = json.loads(Path(sample.corpus_path).read_text().splitlines()[5])["_id"]
+    s = run_encode(_cfg(tiny_model_dir, str(edited), store))  # default: refresh, keep ids the corpus lacks
+    assert (s.stored_new, s.refreshed, s.deleted, s.skipped_existing, s.rejected) == (1, 1, 0, len(rows) - 2, 0)
+    assert s.input_rows == s.stored_new + s.refreshed + s.skipped_existing + s.rejected
+    assert s.version == first.version + 1 and s.store_rows == len(old_texts) + 1
+    texts = {**old_texts, **_corpus_texts(edited)}
+    _assert_store_matches_core(store, tiny_model_dir, texts)  # the edited passage has its new memory
+    s2 = run_encode(_cfg(tiny_model_dir, str(edited), store, delete_missing=True))
+    assert (s2.stored_new, s2.refreshed, s2.deleted) == (0, 0, 1) and s2.version == s.version + 1
+    texts.pop(removed)
+    _assert_store_matches_core(store, tiny_model_dir, texts)
+    assert sorted(_table(store).column("doc_id").to_pylist()) == sorted(texts)
+    old = open_store(store, version=first.version)  # time travel: the first version is untouched
+    assert sorted(_table(store, first.version).column("doc_id").to_pylist()) == sorted(old_texts) == sorted(
+        old.fetch(list(old_texts)).memories)
+    edited_id = rows[3]["_id"]
+    core = KaLMReranker(str(tiny_model_dir), dtype="float32", max_length=MAX_LEN)
+    (was,) = core.encode([old_texts[edited_id]])
+    assert torch.max(torch.abs(old.get(edited_id).vectors - was.vectors)).item() <= 1e-6  # the old text's memory
+    ops = [(h["version"], h["operation"], h["new"], h["refreshed"], h["deleted"]) for h in history(store)]
+    assert ops[:2] == [(s2.version, "encode", 0, 0, 1), (s.version, "encode", 1, 1, 0)]
+
+
+def test_no_refresh_keeps_and_reports_stale_memories(tiny_model_dir, sample, tmp_path):
     store = str(tmp_path / "store")
     run_encode(_cfg(tiny_model_dir, sample.corpus_path, store))
-    rows = [json.loads(line) for line in Path(sample.corpus_path).read_text().splitlines()]
-    old_texts = _corpus_texts(sample.corpus_path)
-    rows[3]["text"] = rows[3]["text"] + " (edited)"
     edited = tmp_path / "edited.jsonl"
-    edited.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = run_encode(_cfg(tiny_model_dir, str(edited), store))
-    assert summary.stored_new == 0 and summary.skipped_existing == len(rows)
-    assert summary.changed_since_stored == 1  # said out loud, not silently kept
-    changed = [json.loads(line) for line in (tmp_path / "store" / "errors" / "changed.jsonl").read_text().splitlines()]
+    rows = _edit_corpus(sample.corpus_path, edited, edit=3, drop=len(_corpus_texts(sample.corpus_path)) - 1, new=[])
+    s = run_encode(_cfg(tiny_model_dir, str(edited), store, refresh=False, delete_missing=False))
+    assert (s.stored_new, s.refreshed, s.skipped_existing, s.changed_since_stored, s.commits) == (0, 0, len(rows),
+                                                                                                   1, 0)
+    changed = [json.loads(x) for x in (Path(s.errors_file).parent / "changed.jsonl").read_text().splitlines()]
     assert [(c["doc_id"], c["line"], c["reason"]) for c in changed] == [(rows[3]["_id"], 4, S.CHANGED_TEXT)]
-    assert load_manifest(store).input["changed_since_stored"] == 1
-    _assert_store_matches_core(store, tiny_model_dir, old_texts)  # the store itself is unchanged
-    again = run_encode(_cfg(tiny_model_dir, sample.corpus_path, store))  # the original corpus: nothing changed
-    assert again.changed_since_stored == 0
-    assert (tmp_path / "store" / "errors" / "changed.jsonl").read_text() == ""
+    _assert_store_matches_core(store, tiny_model_dir, _corpus_texts(sample.corpus_path))  # store unchanged
 
 
 @pytest.mark.s3
@@ -118,7 +159,7 @@ def test_encode_from_s3_corpus_to_s3_store(tiny_model_dir, sample, s3_bucket):
     summary = run_encode(_cfg(tiny_model_dir, f"{s3_bucket}/corpus/", store, dtype="bfloat16"))
     assert summary.stored_new == len(_corpus_texts(sample.corpus_path))
     reader = open_store(store)
-    assert reader.manifest.dtype == "bfloat16" and reader.verify()["records_corrupt"] == 0
+    assert reader.dtype == "bfloat16" and reader.verify()["records_corrupt"] == 0
     # bf16 memories equal the core's memories rounded to bf16
     core = KaLMReranker(str(tiny_model_dir), dtype="float32", max_length=MAX_LEN)
     texts = _corpus_texts(sample.corpus_path)
@@ -156,31 +197,29 @@ def test_bad_rows_are_recorded_and_the_rest_is_stored(tiny_model_dir, tmp_path):
     assert summary.stored_new == expect["stored"] and summary.rejected == expect["rejected"]
     assert summary.input_rows == expect["input_rows"] == summary.stored_new + summary.rejected
     assert summary.truncated == 1
-    errors = [json.loads(x) for x in (tmp_path / "store/errors/rejected.jsonl").read_text().splitlines()]
+    errors = [json.loads(x) for x in Path(summary.errors_file).read_text().splitlines()]
+    assert summary.errors_file.startswith(str(tmp_path / "store/_kalm/errors/"))
+    assert history(store)[0]["errors"] == str(Path(summary.errors_file).parent)  # the version names its report
     reasons = " | ".join(e["reason"] for e in errors)
     for needle in ("JSON", "id", "text", "UTF-8", "duplicate doc_id 'g0'", "b.jsonl.gz"):
         assert needle in reasons or any(needle in e["source"] for e in errors), needle
     assert sum("duplicate" in e["reason"] for e in errors) == 2
-    reader = open_store(store)
-    assert sorted(reader._index) == sorted([f"g{i}" for i in range(6)] + ["long"])
-    # the first g0 was kept
     from kalm_batch.store.writer import text_hash
-    import pyarrow.parquet as pq
 
-    rows = [r for s in reader.manifest.shards
-            for r in pq.read_table(str(tmp_path / "store/shards" / s.name)).to_pylist() if r["doc_id"] == "g0"]
+    table = _table(store)
+    assert sorted(table.column("doc_id").to_pylist()) == sorted([f"g{i}" for i in range(6)] + ["long"])
+    rows = [r for r in table.to_pylist() if r["doc_id"] == "g0"]  # the first g0 was kept
     assert len(rows) == 1 and rows[0]["text_sha256"] == text_hash("T0 good passage 0 about things")
-    m = reader.manifest
-    assert m.input["input_rows"] == m.rows + m.input["rejected"]
 
 
 def test_all_bad_corpus_is_an_error_not_an_empty_store(tiny_model_dir, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"nope": 1}\n{broken\n')
-    with pytest.raises(NoGoodRowsError, match="every one of the 2 input rows"):
+    with pytest.raises(NoGoodRowsError, match="every one of the 2 input rows") as err:
         run_encode(_cfg(tiny_model_dir, str(tmp_path / "bad.jsonl"), str(tmp_path / "store")))
     with pytest.raises(IncompleteStoreError):
         open_store(str(tmp_path / "store"))
-    assert len((tmp_path / "store/errors/rejected.jsonl").read_text().splitlines()) == 2
+    (report,) = (tmp_path / "store/_kalm/errors").glob("run-*/rejected.jsonl")
+    assert str(report) in str(err.value) and len(report.read_text().splitlines()) == 2
 
 
 def test_other_settings_are_refused_unless_overwrite(tiny_model_dir, sample, tmp_path):
@@ -191,54 +230,65 @@ def test_other_settings_are_refused_unless_overwrite(tiny_model_dir, sample, tmp
     with pytest.raises(StoreMismatchError, match="max_length"):
         run_encode(_cfg(tiny_model_dir, sample.corpus_path, store, max_length=32))
     summary = run_encode(_cfg(tiny_model_dir, sample.corpus_path, store, ratio=8, overwrite=True))
-    assert summary.skipped_existing == 0 and load_manifest(store).settings.ratio == 8
+    assert summary.skipped_existing == 0 and open_store(store).ratio == 8 and open_store(store, version=0).ratio == 4
 
 
-def test_resume_after_the_driver_is_killed(tiny_model_dir, tmp_path):
-    """Kill the job's driver (and its local Ray) once shards exist; the same command then completes exactly once."""
+def test_a_refresh_killed_midway_then_rerun_commits_each_id_once_with_current_text(tiny_model_dir, tmp_path):
+    """SIGKILL the job (driver + its local Ray) during a refresh, after a progress commit; earlier versions are
+    untouched, the partial version holds each id once, and the same command then completes it exactly once."""
+    from kalm_batch.store import build_store
+
     info = write_sample_corpus(str(tmp_path / "corpus"), max_docs=240, n_queries=1)
+    old_texts = _corpus_texts(info.corpus_path)
     store = tmp_path / "store"
+    core = KaLMReranker(str(tiny_model_dir), dtype="float32", max_length=96, chunk_size=4)
+    base = build_store(str(store), core, old_texts, dtype="float32", text_join="title_space_text", shard_rows=64)
+    rows = [json.loads(line) for line in Path(info.corpus_path).read_text().splitlines()]
+    for r in rows:
+        r["text"] += " (revised)"
+    removed = rows.pop(7)["_id"]
+    rows += [{"_id": f"new-{i}", "title": "", "text": f"a passage added later, number {i}"} for i in range(5)]
+    corpus = tmp_path / "revised.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    new_texts = _corpus_texts(corpus)
     cmd = [sys.executable, str(REPO / "jobs/encode_corpus.py"), "--model", str(tiny_model_dir), "--corpus",
-           info.corpus_path, "--store", str(store), "--max-length", "96", "--dtype", "float32", "--shard-rows", "8",
-           "--rows-per-task", "8", "--num-cpus", "2"]
+           str(corpus), "--store", str(store), "--max-length", "96", "--dtype", "float32", "--shard-rows", "8",
+           "--rows-per-task", "8", "--num-cpus", "2", "--commit-every-files", "1", "--delete-missing"]
     env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
+    job_log = tmp_path / "job.log"
+    with open(job_log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+    log_dir, deadline = store / "_delta_log", time.time() + 300
     try:
         while time.time() < deadline and proc.poll() is None:
-            if len(list((store / "shards").glob("*.parquet"))) >= 2:
+            if len(list(log_dir.glob("*.json"))) >= 2:  # a progress commit on top of version 0
                 break
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    partial = list((store / "shards").glob("*.parquet"))
-    assert partial, "the job wrote no shard before the deadline"
-    if (store / "manifest.json").exists():
+    partial = open_store(str(store))
+    assert partial.version >= 1, f"no commit before the deadline; the job said: {job_log.read_text()[-3000:]}"
+    ids = _table(str(store)).column("doc_id").to_pylist()
+    assert len(ids) == len(set(ids)) and removed in ids  # each id once; deletions come with the final commit
+    if len(set(ids) & {f"new-{i}" for i in range(5)}) == 5 and removed not in ids:
         pytest.fail("the job finished before it could be killed; make the corpus bigger")
-    with pytest.raises(IncompleteStoreError):
-        open_store(str(store))
-    summary = run_encode(_cfg(tiny_model_dir, info.corpus_path, str(store), max_length=96, shard_rows=8,
-                              rows_per_task=8))
-    texts = _corpus_texts(info.corpus_path)
-    assert summary.skipped_existing >= 8 and summary.skipped_existing + summary.stored_new == len(texts)
-    m = load_manifest(str(store))
-    assert m.rows == len(texts) == sum(s.rows for s in m.shards)
-    reader = open_store(str(store))
-    assert sorted(reader._index) == sorted(texts)  # each doc id exactly once
-    shard_ids = []
-    import pyarrow.parquet as pq
+    assert sorted(_table(str(store), base.version).column("doc_id").to_pylist()) == sorted(old_texts)
+    from kalm_batch.store.writer import text_hash
 
-    for s in m.shards:
-        shard_ids += pq.read_table(str(store / "shards" / s.name), columns=["doc_id"]).column("doc_id").to_pylist()
-    assert sorted(shard_ids) == sorted(texts)
-    assert reader.verify()["records_corrupt"] == 0
-    sample_ids = sorted(texts)[::20]
-    core = KaLMReranker(str(tiny_model_dir), dtype="float32", max_length=96)
-    got = reader.fetch(sample_ids).memories
-    for d, mem in zip(sample_ids, core.encode([texts[i] for i in sample_ids])):
-        assert torch.max(torch.abs(got[d].vectors - mem.vectors)).item() <= 1e-6
+    table = _table(str(store))  # every row of the partial version is the old or the new text of its id, intact
+    for d, sha in zip(table.column("doc_id").to_pylist(), table.column("text_sha256").to_pylist()):
+        assert sha in {text_hash(t) for t in (old_texts.get(d), new_texts.get(d)) if t is not None}, d
+    assert partial.verify()["records_corrupt"] == 0
+
+    summary = run_encode(_cfg(tiny_model_dir, str(corpus), str(store), max_length=96, shard_rows=8, rows_per_task=8,
+                              delete_missing=True))
+    assert summary.deleted == 1 and summary.skipped_existing >= 8  # the refreshes committed before the kill stay
+    assert summary.input_rows == summary.stored_new + summary.refreshed + summary.skipped_existing
+    assert sorted(_table(str(store)).column("doc_id").to_pylist()) == sorted(new_texts)  # exactly once each
+    _assert_store_matches_core(str(store), tiny_model_dir, new_texts, max_length=96)  # memories of the current text
+    old = open_store(str(store), version=base.version)  # the first version is untouched
+    assert len(old) == len(old_texts) and old.verify()["records_corrupt"] == 0
 
 
 def test_default_sort_window_bounds_a_calls_memories():

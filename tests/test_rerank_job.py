@@ -222,19 +222,16 @@ def test_cascade_job(ray_session, data, scorer, tiny_model_dir, tmp_path):
 
 
 def _corrupt_one_record(store_dir, doc_id: str) -> tuple[str, int]:
-    """Flip bytes inside one record's memory payload, keeping its checksum; returns (shard file, row)."""
+    """Flip bytes inside one record's memory payload in its data file, keeping its checksum; returns (file, row)."""
     reader = open_store(f"file://{store_dir}")
-    name = reader.manifest.shards[reader.shard_of(doc_id)].name
-    path = store_dir / "shards" / name
-    table = pq.read_table(path)
-    row = table.column("doc_id").to_pylist().index(doc_id)
-    payloads = table.column("memory").to_pylist()
-    bad = bytearray(payloads[row])
-    for i in range(len(bad) // 3, len(bad) // 3 + 8):
-        bad[i] ^= 0xFF
-    payloads[row] = bytes(bad)
-    table = table.set_column(table.schema.get_field_index("memory"), "memory", pa.array(payloads, pa.binary()))
-    pq.write_table(table, path, row_group_size=64)
+    name = reader.file_of(doc_id)
+    index = pq.read_table(store_dir / "_kalm" / "index" / name)
+    row = index.column("doc_id").to_pylist().index(doc_id)
+    offset, length = index.column("offset")[row].as_py(), index.column("length")[row].as_py()
+    data = bytearray((store_dir / name).read_bytes())
+    for i in range(offset + length // 3, offset + length // 3 + 8):
+        data[i] ^= 0xFF
+    (store_dir / name).write_bytes(bytes(data))
     return name, row
 
 
@@ -245,12 +242,12 @@ def test_corrupt_record_is_reported_and_the_job_completes(ray_session, data, tin
     q = data["first_q"]
     victim = next(d for qq, d, rank, _ in read_candidates(data["candidates"]).rows
                   if qq == q and rank <= 3 and d in data["corpus"])
-    shard, row = _corrupt_one_record(store_dir, victim)
+    shard, _ = _corrupt_one_record(store_dir, victim)
     out = str(tmp_path / "out")
     summary = run_rerank(_config(data, out, model=str(tiny_model_dir), store=f"file://{store_dir}", top_k=3))
     errors = [p for p in _problems(out) if p["kind"] == "corrupt_record"]
     assert len(errors) == 1 and (errors[0]["qid"], errors[0]["doc_id"]) == (q, victim)
-    assert shard in errors[0]["reason"] and f"row {row}" in errors[0]["reason"] and victim in errors[0]["reason"]
+    assert shard in errors[0]["reason"] and "version" in errors[0]["reason"] and victim in errors[0]["reason"]
     table = _scores(out)
     scored = set(zip(table.column("qid").to_pylist(), table.column("doc_id").to_pylist()))
     assert (q, victim) not in scored and scored == _expected_pairs(data, 3) - {(q, victim)}

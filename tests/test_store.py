@@ -1,4 +1,5 @@
-"""Contract tests for the memory store (kalm_batch.store): build, open, fetch, cache, corruption and commit protocol.
+"""Contract tests for the memory store (kalm_batch.store): a Delta table built, opened at a version, fetched from by
+ranged reads, refreshed, deleted from, time-travelled, damaged, and written by two writers at once.
 
 Stores are built in-process with ``build_store`` from the tiny random model, on file:// (tmp_path) and on s3:// (the
 local moto server, tests marked ``s3``). Expected values always come from encoding the same passages directly.
@@ -6,8 +7,10 @@ local moto server, tests marked ``s3``). Expected values always come from encodi
 
 from __future__ import annotations
 
-import hashlib
 import io
+import logging
+import os
+import stat
 
 import numpy as np
 import pyarrow as pa
@@ -17,13 +20,24 @@ import torch
 
 import kalm_batch
 from kalm_batch import KaLMReranker, Memory, fsio
-from kalm_batch.codec import CorruptRecordError, quantize
+from kalm_batch.codec import CorruptRecordError, decode_memory, quantize
 from kalm_batch.model import ModelFingerprint
-from kalm_batch.store import IncompleteStoreError, StoreError, StoreMismatchError, build_store, open_store, writer
-from kalm_batch.store.manifest import SCHEMA_VERSION
+from kalm_batch.store import (
+    ConcurrentWriterError,
+    IncompleteStoreError,
+    OldLayoutError,
+    StoreMismatchError,
+    StoreVersionError,
+    StoreWriter,
+    build_store,
+    check_compatible,
+    open_store,
+)
+from kalm_batch.store.settings import SCHEMA_VERSION, delta_options, table_uri
+from kalm_batch.store.writer import memory_table, settings_for, text_hash
 
 MAX_LENGTH = 64
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
 
 
 # ----------------------------------------------------------------------------------------------- helpers & fixtures
@@ -72,7 +86,7 @@ def encoded(rr: KaLMReranker, docs: dict[str, str], ratio=None) -> dict:
 
 
 def shardwise_encoded(rr, docs: dict[str, str], shard_rows: int) -> dict:
-    """Expected memories for a store built with ``shard_rows`` (build_store encodes shard by shard)."""
+    """Expected memories for a store built with ``shard_rows`` (build_store encodes file by file)."""
     items = list(docs.items())
     out = {}
     for start in range(0, len(items), shard_rows):
@@ -85,38 +99,19 @@ def quantized(memories: dict, dtype: str) -> dict:
             for d, m in memories.items()}
 
 
-def shard_urls(url: str) -> list[str]:
-    return fsio.list_files(fsio.join_url(url, writer.SHARDS_DIR), ".parquet")
+def delta(url: str, version: int | None = None):
+    """The store's table opened with deltalake alone."""
+    import deltalake
+
+    return deltalake.DeltaTable(table_uri(url), version=version, storage_options=delta_options(url))
 
 
-def read_table(url: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(fsio.read_bytes(url)))
+def data_files(url: str, version: int | None = None) -> list[str]:
+    return delta(url, version).get_add_actions(flatten=True).column("path").to_pylist()
 
 
-def stored_ids(url: str) -> list[str]:
-    """Every doc id in every shard file (duplicates included)."""
-    return [d for u in shard_urls(url) for d in read_table(u).column("doc_id").to_pylist()]
-
-
-def column_values(url: str, name: str) -> list:
-    return [v for u in shard_urls(url) for v in read_table(u).column(name).to_pylist()]
-
-
-def file_size(url: str) -> int:
-    return len(fsio.read_bytes(url))
-
-
-def write_table(url: str, table: pa.Table) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=writer.ROW_GROUP_ROWS)
-    fsio.write_bytes_atomic(url, buf.getvalue())
-
-
-def replace_cell(table: pa.Table, column: str, row: int, value) -> pa.Table:
-    values = table.column(column).to_pylist()
-    values[row] = value
-    i = table.schema.get_field_index(column)
-    return table.set_column(i, table.schema.field(i), pa.array(values, table.schema.field(i).type))
+def local_path(url: str) -> str:
+    return fsio.url_to_fs(url)[1]
 
 
 def assert_same_memories(got: dict, want: dict, atol: float = 0.0) -> None:
@@ -127,53 +122,64 @@ def assert_same_memories(got: dict, want: dict, atol: float = 0.0) -> None:
         np.testing.assert_allclose(g.vectors.numpy(), w.to_numpy(), rtol=0, atol=atol, err_msg=d)
 
 
-# ----------------------------------------------------------------------------------------------- build & open
-def test_manifest_describes_exactly_what_the_shards_hold(root, reranker):
+class CountingEncoder:
+    """The reranker, counting the passages it encodes (refresh must encode only what changed)."""
+
+    def __init__(self, rr):
+        self.rr, self.texts = rr, []
+
+    def __getattr__(self, name):
+        return getattr(self.rr, name)
+
+    def encode(self, texts, **kw):
+        self.texts += list(texts)
+        return self.rr.encode(texts, **kw)
+
+
+# ----------------------------------------------------------------------------------------------- the table
+def test_a_store_is_a_delta_table_that_other_tools_read(root, reranker):
+    """deltalake and Polars alone (no kalm-batch reader) see the same ids and memory bytes at the same version."""
+    import polars as pl
+
     rr, docs, url = reranker(4), make_docs(12), fsio.join_url(root, "m")
-    returned = build_store(url, rr, docs, shard_rows=5)
+    commit = build_store(url, rr, docs, shard_rows=5)
+    assert (commit.version, commit.new, commit.refreshed, commit.deleted, commit.files_added) == (0, 12, 0, 0, 3)
     reader = open_store(url)
-    m = reader.manifest
-    assert m == returned
-    assert (m.schema_version, m.package_version) == (SCHEMA_VERSION, kalm_batch.__version__)
-    assert m.fingerprint == rr.fingerprint.to_dict()
-    assert (m.ratio, m.dtype, m.max_length, m.hidden_size) == (4, "bfloat16", MAX_LENGTH, rr.hidden_size)
-    assert m.input["stored_new"] == 12
-
-    urls = shard_urls(url)
-    assert [u.rsplit("/", 1)[-1] for u in urls] == [s.name for s in m.shards] and len(urls) == 3  # 5 + 5 + 2
-    tables = []
-    for u, info in zip(urls, m.shards):
-        data = fsio.read_bytes(u)
-        assert (info.sha256, info.bytes) == (hashlib.sha256(data).hexdigest(), len(data))
-        tables.append(pq.read_table(io.BytesIO(data)))
-        assert info.rows == tables[-1].num_rows
-    table = pa.concat_tables(tables)
-    assert sorted(table.column("doc_id").to_pylist()) == sorted(docs)
+    assert (reader.version, len(reader)) == (0, 12)
+    assert (reader.ratio, reader.dtype, reader.hidden_size, reader.codec) == (4, "bfloat16", rr.hidden_size,
+                                                                                "byteplane+zstd")
+    assert reader.fingerprint == rr.fingerprint.to_dict()
+    s = reader.summary()
+    assert (s["url"], s["version"], s["rows"], s["files"], s["model_id"]) == (url, 0, 12, 3, rr.fingerprint.model_id)
+    assert (s["schema_version"], s["package_version"], s["max_length"]) == (SCHEMA_VERSION, kalm_batch.__version__,
+                                                                             MAX_LENGTH)
     tokens = {d: len(ids) for d, ids in zip(docs, rr.tokenize_documents(list(docs.values())))}
-    assert dict(zip(table.column("doc_id").to_pylist(), table.column("n_tokens").to_pylist())) == tokens
-    assert max(tokens.values()) == MAX_LENGTH
-    assert m.rows == len(reader) == 12
-    assert m.tokens == sum(tokens.values())
-    assert m.vectors == sum(-(-n // 4) for n in tokens.values()) == sum(table.column("n_vectors").to_pylist())
-    assert m.memory_bytes == sum(len(p) for p in table.column("memory").to_pylist())  # no int8 scales here
-    assert m.shard_bytes == sum(s.bytes for s in m.shards)
+    assert s["tokens"] == sum(tokens.values()) and s["vectors"] == sum(-(-n // 4) for n in tokens.values())
 
-    index = fsio.read_bytes(fsio.join_url(url, m.index.name))
-    assert m.index.sha256 == hashlib.sha256(index).hexdigest()
-    assert m.index.rows == pq.read_table(io.BytesIO(index)).num_rows == m.rows
-    summary = m.summary()
-    assert (summary["rows"], summary["shards"], summary["ratio"], summary["dtype"]) == (12, 3, 4, "bfloat16")
+    table = delta(url).to_pyarrow_table()
+    assert sorted(table.column("doc_id").to_pylist()) == sorted(docs)
+    assert dict(zip(table.column("doc_id").to_pylist(), table.column("n_tokens").to_pylist())) == tokens
+    assert s["memory_bytes"] == sum(len(p) for p in table.column("memory").to_pylist())
+    opts = delta_options(url)
+    frame = pl.read_delta(table_uri(url), version=0, storage_options=opts or None)
+    assert sorted(frame["doc_id"].to_list()) == sorted(docs)
+    got = reader.fetch(list(docs)).memories
+    for row in frame.iter_rows(named=True):  # the bytes other tools read decode to what kalm-batch serves
+        arr = decode_memory(row["memory"], row["scales"], row["checksum"], row["n_vectors"], reader.hidden_size,
+                            reader.dtype)
+        np.testing.assert_array_equal(arr, got[row["doc_id"]].to_numpy())
 
 
 @pytest.mark.parametrize("ratio", [1, 4])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_stored_memories_decode_to_the_quantized_encodings(tmp_path, reranker, dtype, ratio):
     rr, docs, url = reranker(ratio), make_docs(10), str(tmp_path / "s")
-    manifest = build_store(url, rr, docs, dtype=dtype, shard_rows=64)
+    build_store(url, rr, docs, dtype=dtype, shard_rows=64)
     want = encoded(rr, docs)
-    got = open_store(url).fetch(list(docs))
+    reader = open_store(url)
+    got = reader.fetch(list(docs))
     assert got.missing == [] and got.corrupt == {}
-    assert manifest.codec["name"] == ("int8-absmax+zstd" if dtype == "int8" else "byteplane+zstd")
+    assert reader.codec == ("int8-absmax+zstd" if dtype == "int8" else "byteplane+zstd")
     for d, w in want.items():
         g = got.memories[d]
         assert (g.n_tokens, g.ratio, g.vectors.dtype) == (w.n_tokens, ratio, w.vectors.dtype)
@@ -185,7 +191,9 @@ def test_stored_memories_decode_to_the_quantized_encodings(tmp_path, reranker, d
             step = np.abs(raw).max(axis=1, keepdims=True) / 127.0
             assert np.all(np.abs(dec - raw) <= step / 2 * (1 + 1e-5) + 1e-30), d
     if dtype == "int8":
-        assert manifest.memory_bytes == sum(len(p) for p in column_values(url, "memory")) + 4 * manifest.vectors
+        table = delta(url).to_pyarrow_table()
+        payload = sum(len(p) for p in table.column("memory").to_pylist())
+        assert reader.summary()["memory_bytes"] == payload + 4 * reader.summary()["vectors"]
 
 
 # ----------------------------------------------------------------------------------------------- fetch
@@ -201,77 +209,82 @@ def test_fetch_at_every_ratio_equals_encoding_at_that_ratio(root, reranker, r0):
     assert_same_memories(reader.fetch(list(docs)).memories, encoded(rr, docs), atol=0.0)  # default: r0
 
 
-def test_a_ratio_the_store_cannot_serve_is_a_value_error(tmp_path, reranker):
+def test_check_ratio_accepts_any_positive_multiple_of_r0(tmp_path, reranker):
     url = str(tmp_path / "s")
     build_store(url, reranker(4), make_docs(3))
     reader = open_store(url)
-    for bad in (1, 2, 3, 64):
-        with pytest.raises(ValueError, match=r"valid ratios: \[4, 8, 16, 32\]"):
-            reader.fetch(["d0"], ratio=bad)
-    with pytest.raises(ValueError, match="valid ratios"):
+    assert (reader.check_ratio(None), reader.check_ratio(4), reader.check_ratio(12), reader.check_ratio(64)) == (
+        4, 4, 12, 64)
+    for bad in (1, 2, 3, 0, -4, 6, True, 4.0):
+        with pytest.raises(ValueError, match="multiple of 4"):
+            reader.check_ratio(bad)
+    with pytest.raises(ValueError, match="multiple of 4"):
         reader.get("d0", ratio=2)
+    m12 = reader.get("d0", ratio=12)
+    assert m12.ratio == 12 and m12.vectors.shape[0] == -(-m12.n_tokens // 12)
 
 
-def test_fetch_reads_only_the_row_groups_it_needs(tmp_path, reranker, monkeypatch):
-    rr, docs, url = reranker(1), make_docs(256), str(tmp_path / "big")
-    build_store(url, rr, docs, dtype="float32", shard_rows=256)
-    (shard,) = shard_urls(url)
-    meta = pq.ParquetFile(io.BytesIO(fsio.read_bytes(shard))).metadata
-    assert (meta.num_rows, meta.num_row_groups) == (256, 256 // writer.ROW_GROUP_ROWS)
-    want = encoded(rr, docs)
-    ids = list(docs)
-    row_of = {d: i for i, d in enumerate(read_table(shard).column("doc_id").to_pylist())}
+class FsCounter:
+    """Count what the reader's filesystem is asked for: ranged reads (requests, bytes) and whole-file opens."""
 
+    def __init__(self, monkeypatch, reader):
+        self.ranges, self.bytes, self.opened = 0, 0, []
+        fs = reader._fs
+        real_ranges = fs.cat_ranges
+
+        def cat_ranges(paths, starts, ends, **kw):
+            self.ranges += len(paths)
+            out = real_ranges(paths, starts, ends, **kw)
+            self.bytes += sum(len(b) for b in out if isinstance(b, bytes))
+            return out
+
+        monkeypatch.setattr(fs, "cat_ranges", cat_ranges)
+        real_open = fsio.open_input
+        monkeypatch.setattr(fsio, "open_input", lambda url, so=None: self.opened.append(url) or real_open(url, so))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_a_cold_lookup_reads_about_one_passage(tmp_path, reranker, monkeypatch, dtype):
+    rr, docs, url = reranker(1), make_docs(200), str(tmp_path / "big")
+    build_store(url, rr, docs, dtype=dtype, shard_rows=100)
+    want = quantized(encoded(rr, docs), dtype)
+    opened = []
+    real_open = fsio.open_input
+    monkeypatch.setattr(fsio, "open_input", lambda u, so=None: opened.append(u) or real_open(u, so))
     reader = open_store(url, cache_bytes=0)
-    read = _count_bytes_read(monkeypatch)
-    target = next(d for d in ids if row_of[d] == 150)  # third row group
+    monkeypatch.setattr(fsio, "open_input", real_open)
+    assert opened and all("/_kalm/index/" in u for u in opened)  # opening read the indexes, no data file
+
+    count = FsCounter(monkeypatch, reader)
+    table = delta(url).to_pyarrow_table()
+    nbytes = dict(zip(table.column("doc_id").to_pylist(), table.column("nbytes").to_pylist()))
+    target = "d150"
     got = reader.fetch([target])
-    assert_same_memories(got.memories, {target: want[target]})
-    assert 0 < read["bytes"] < file_size(shard) / 2  # the footer and one of four row groups, not the whole shard
+    assert_same_memories(got.memories, {target: want[target]}, atol=0 if dtype != "int8" else 1e-6)
+    per_value = 2 if dtype == "int8" else 1  # the int8 scales are a second column chunk
+    assert count.ranges == per_value and count.opened == []  # no footer, no row group
+    assert count.bytes == nbytes[target] + 4 * per_value  # the payload (+ scales) and their length prefixes
 
-    far = [next(d for d in ids if row_of[d] == k) for k in (200, 10)]  # first and last row group, out of order
-    assert_same_memories(reader.fetch(far).memories, {d: want[d] for d in far})
-    shuffled = [ids[(i * 37) % 256] for i in range(256)]
-    assert_same_memories(reader.fetch(shuffled).memories, want)
+    count.ranges = count.bytes = 0
+    some = [f"d{i}" for i in range(0, 200, 10)]
+    assert_same_memories(reader.fetch(some).memories, {d: want[d] for d in some},
+                         atol=0 if dtype != "int8" else 1e-6)
+    assert count.ranges <= per_value * len(some) and count.opened == []
+    assert count.bytes <= sum(nbytes[d] for d in some) + 4 * per_value * len(some) + 4096 * count.ranges
 
 
-def _count_bytes_read(monkeypatch) -> dict:
-    """Wrap fsio.open_input so the files the reader opens count the bytes actually read from them."""
-    counter = {"bytes": 0}
-    real = fsio.open_input
-
-    class Counting(io.RawIOBase):
-        def __init__(self, f):
-            self._f = f
-
-        def read(self, n=-1):
-            data = self._f.read(n)
-            counter["bytes"] += len(data)
-            return data
-
-        def readinto(self, b):
-            data = self.read(len(b))
-            b[:len(data)] = data
-            return len(data)
-
-        def seek(self, pos, whence=0):
-            return self._f.seek(pos, whence)
-
-        def tell(self):
-            return self._f.tell()
-
-        def readable(self):
-            return True
-
-        def seekable(self):
-            return True
-
-        def close(self):
-            self._f.close()
-            super().close()
-
-    monkeypatch.setattr(fsio, "open_input", lambda url, storage_options=None: Counting(real(url, storage_options)))
-    return counter
+def test_a_stale_index_falls_back_to_reading_the_row(tmp_path, reranker, monkeypatch):
+    rr, docs, url = reranker(4), make_docs(8), str(tmp_path / "s")
+    build_store(url, rr, docs, dtype="float32")
+    (file,) = data_files(url)
+    index_path = os.path.join(local_path(url), "_kalm", "index", file)
+    index = pq.read_table(index_path)
+    shifted = pa.compute.add(index.column("offset"), 3)
+    pq.write_table(index.set_column(index.schema.get_field_index("offset"), "offset", shifted), index_path)
+    reader = open_store(url)
+    got = reader.fetch(list(docs))
+    assert got.corrupt == {} and got.missing == []
+    assert_same_memories(got.memories, encoded(rr, docs))
 
 
 def test_unknown_ids_are_missing_not_errors(root, reranker):
@@ -282,249 +295,271 @@ def test_unknown_ids_are_missing_not_errors(root, reranker):
     assert sorted(got.memories) == ["d1", "d3"]
     assert got.missing == ["nope", ""] and got.corrupt == {}
     assert "nope" not in reader and "d1" in reader
-    assert reader.shard_of("nope") is None and reader.shard_of("d1") == 0
+    assert reader.file_of("nope") is None and reader.file_of("d1") == data_files(url)[0]
     with pytest.raises(KeyError, match="nope"):
         reader.get("nope")
     assert reader.get("d1").n_tokens == got.memories["d1"].n_tokens
+
+
+def test_index_files_list_each_doc_once_with_its_data_file(root, reranker):
+    rr, docs, url = reranker(4), make_docs(11), fsio.join_url(root, "s")
+    build_store(url, rr, docs, shard_rows=4)
+    build_store(url, rr, {**docs, "d2": "edited", "new": "a new passage"}, shard_rows=4)  # refresh: files rewritten
+    reader = open_store(url)
+    urls = reader.index_files()
+    assert len(urls) == len(data_files(url))
+    index = pa.concat_tables([pq.read_table(io.BytesIO(fsio.read_bytes(u)), columns=["doc_id", "file"]) for u in urls])
+    pairs = list(zip(index.column("doc_id").to_pylist(), index.column("file").to_pylist()))
+    assert sorted(d for d, _ in pairs) == sorted([*docs, "new"])  # each doc once
+    assert all(reader.file_of(d) == f for d, f in pairs)
+    assert set(index.column("file").to_pylist()) == set(data_files(url))
 
 
 def test_cache_counts_hits_and_stays_within_its_byte_budget(tmp_path, reranker):
     rr, docs, url = reranker(4), make_docs(12), str(tmp_path / "s")
     build_store(url, rr, docs, dtype="float32")
     want = encoded(rr, docs)
-
     reader = open_store(url)
-    first = reader.fetch(["d2"])
+    reader.fetch(["d2"])
     assert reader.cache_info()["hits"] == 0 and reader.cache_info()["entries"] == 1
     again = reader.fetch(["d2", "d5"])
-    info = reader.cache_info()
-    assert (info["hits"], info["entries"]) == (1, 2)
-    assert info["bytes"] == want["d2"].to_numpy().nbytes + want["d5"].to_numpy().nbytes
-    np.testing.assert_array_equal(again.memories["d2"].vectors.numpy(), first.memories["d2"].vectors.numpy())
-
-    budget = 3 * max(m.to_numpy().nbytes for m in want.values())
-    small = open_store(url, cache_bytes=budget)
-    for _ in range(2):
-        assert_same_memories(small.fetch(list(docs)).memories, want)
-        info = small.cache_info()
-        assert 0 < info["bytes"] <= budget and 0 < info["entries"] < len(docs)
-    none = open_store(url, cache_bytes=0)
-    assert_same_memories(none.fetch(list(docs)).memories, want)
-    assert none.cache_info()["bytes"] == 0 and none.cache_info()["entries"] == 0
+    assert reader.cache_info()["hits"] == 1 and reader.cache_info()["misses"] == 2
+    assert_same_memories(again.memories, {d: want[d] for d in ("d2", "d5")})
+    small = open_store(url, cache_bytes=want["d0"].to_numpy().nbytes + 1)
+    small.fetch(list(docs))
+    assert small.cache_info()["bytes"] <= small.cache_info()["max_bytes"]
 
 
-# ----------------------------------------------------------------------------------------------- corruption
-def _corrupt_one_row(url: str, column: str, change) -> tuple[str, str, int, list[str]]:
-    """Rewrite the shard holding d4, changing one cell of d4's row; returns (doc id, shard name, row, other ids)."""
+# ----------------------------------------------------------------------------------------------- damage
+def _flip_payload_bytes(url: str, doc_id: str) -> str:
+    """Flip bytes inside one stored memory, in place in its data file; returns the file name."""
     reader = open_store(url)
-    shard = reader.manifest.shards[reader.shard_of("d4")].name
-    shard_url = fsio.join_url(url, writer.SHARDS_DIR, shard)
-    table = read_table(shard_url)
-    ids = table.column("doc_id").to_pylist()
-    row = ids.index("d4")
-    write_table(shard_url, replace_cell(table, column, row, change(table.column(column)[row].as_py())))
-    return "d4", shard, row, [d for d in ids if d != "d4"]
+    file = reader.file_of(doc_id)
+    index = pq.read_table(os.path.join(local_path(url), "_kalm", "index", file)).to_pylist()
+    row = next(r for r in index if r["doc_id"] == doc_id)
+    path = os.path.join(local_path(url), file)
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    for i in range(row["offset"] + row["length"] // 2, row["offset"] + row["length"] // 2 + 4):
+        data[i] ^= 0xFF
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    return file
 
 
-def _flip_middle_byte(payload: bytes) -> bytes:
-    b = bytearray(payload)
-    b[len(b) // 2] ^= 0x5A
-    return bytes(b)
-
-
-def test_a_corrupt_record_is_reported_and_its_neighbours_still_decode(root, reranker):
-    rr, docs, url = reranker(4), make_docs(10), fsio.join_url(root, "s")
+def test_a_corrupt_record_is_reported_and_its_neighbours_still_decode(tmp_path, reranker):
+    rr, docs, url = reranker(4), make_docs(10), str(tmp_path / "s")
     build_store(url, rr, docs, dtype="float32", shard_rows=5)
-    want = shardwise_encoded(rr, docs, 5)
-    bad, shard, row, neighbours = _corrupt_one_row(url, "memory", _flip_middle_byte)
-
+    file = _flip_payload_bytes(url, "d3")
     reader = open_store(url)
-    got = reader.fetch([bad] + neighbours)
-    assert list(got.corrupt) == [bad] and got.missing == []
-    message = got.corrupt[bad]
-    assert shard in message and f"row {row}" in message and repr(bad) in message
-    assert_same_memories(got.memories, {d: want[d] for d in neighbours})
-    with pytest.raises(CorruptRecordError, match=shard):
-        reader.get(bad)
+    got = reader.fetch(list(docs))
+    assert list(got.corrupt) == ["d3"] and got.missing == []
+    message = got.corrupt["d3"]
+    assert file in message and "version 0" in message and "'d3'" in message and url in message
+    assert_same_memories(got.memories, {d: m for d, m in encoded(rr, docs).items() if d != "d3"})
+    with pytest.raises(CorruptRecordError, match=file):
+        reader.get("d3")
     report = reader.verify()
-    assert (report["records_corrupt"], report["records_ok"]) == (1, 9) and list(report["corrupt"]) == [bad]
+    assert (report["records_ok"], report["records_corrupt"], list(report["corrupt"])) == (9, 1, ["d3"])
 
 
-def test_n_tokens_inconsistent_with_the_vectors_is_corrupt(tmp_path, reranker):
-    rr, docs, url = reranker(4), make_docs(6), str(tmp_path / "s")
-    build_store(url, rr, docs, dtype="float32")
-    bad, shard, row, neighbours = _corrupt_one_row(url, "n_tokens", lambda n: n + 9)
-    reader = open_store(url)
-    for ratio in (4, 8):
-        got = reader.fetch([bad] + neighbours, ratio=ratio)
-        assert list(got.corrupt) == [bad] and shard in got.corrupt[bad] and "n_tokens" in got.corrupt[bad]
-        assert_same_memories(got.memories, {d: m for d, m in encoded(rr, docs, ratio=ratio).items() if d != bad},
-                             atol=1e-6)
-
-
-def test_a_store_without_manifest_or_with_another_schema_is_refused(root, reranker):
-    url = fsio.join_url(root, "s")
-    build_store(url, reranker(4), make_docs(3))
-    manifest_url = fsio.join_url(url, "manifest.json")
-    raw = fsio.read_json(manifest_url)
-    fsio.write_json_atomic(manifest_url, {**raw, "schema_version": SCHEMA_VERSION + 98})
-    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 98}") as err:
-        open_store(url)
-    assert not isinstance(err.value, IncompleteStoreError)
-    fsio.delete(manifest_url)
-    with pytest.raises(IncompleteStoreError, match="manifest.json"):
-        open_store(url)
-    with pytest.raises(IncompleteStoreError):
-        open_store(fsio.join_url(root, "never-built"))
-
-
-# ----------------------------------------------------------------------------------------------- commit protocol
-def test_rerun_is_a_no_op_and_new_docs_are_appended(root, reranker):
-    rr, url = reranker(4), fsio.join_url(root, "s")
-    first_docs, new_docs = make_docs(8), make_docs(4, prefix="n")
-    first = build_store(url, rr, first_docs, shard_rows=3)
-    before = {u: fsio.read_bytes(u) for u in shard_urls(url)}
-
-    again = build_store(url, rr, first_docs, shard_rows=3)
-    assert {u: fsio.read_bytes(u) for u in shard_urls(url)} == before
-    assert again.shards == first.shards and again.rows == 8 and again.created_at == first.created_at
-    assert (again.input["stored_new"], again.input["skipped_existing"]) == (0, 8)
-
-    more = build_store(url, rr, {**first_docs, **new_docs}, shard_rows=10)
-    assert (more.rows, more.input["stored_new"]) == (12, 4)
-    after = shard_urls(url)
-    assert set(before) < set(after)
-    assert all(fsio.read_bytes(u) == data for u, data in before.items())
-    (added,) = set(after) - set(before)
-    assert sorted(read_table(added).column("doc_id").to_pylist()) == sorted(new_docs)
-    assert sorted(stored_ids(url)) == sorted({**first_docs, **new_docs})
-    want = quantized({**shardwise_encoded(rr, first_docs, 3), **encoded(rr, new_docs)}, "bfloat16")
-    assert_same_memories(open_store(url).fetch(list({**first_docs, **new_docs})).memories, want)
-
-
-@pytest.mark.parametrize("field", ["dtype", "ratio", "model", "max_length"])
-def test_a_store_refuses_a_run_with_other_settings(tmp_path, reranker, other_model_dir, field):
-    url = str(tmp_path / "s")
-    docs = make_docs(4)
-    build_store(url, reranker(4), docs, dtype="bfloat16")
-    rr, dtype = {"dtype": (reranker(4), "float32"), "ratio": (reranker(1), "bfloat16"),
-                 "model": (reranker(4, model_dir=other_model_dir), "bfloat16"),
-                 "max_length": (reranker(4, max_length=32), "bfloat16")}[field]
-    with pytest.raises(StoreMismatchError, match="fingerprint" if field == "model" else field) as err:
-        build_store(url, rr, make_docs(2, prefix="x"), dtype=dtype)
-    assert "overwrite" in str(err.value)
-    reader = open_store(url)  # the refused run changed nothing
-    assert (len(reader), reader.manifest.dtype, reader.manifest.ratio) == (4, "bfloat16", 4)
-    assert sorted(stored_ids(url)) == sorted(docs)
-
-
-def test_overwrite_replaces_the_store(tmp_path, reranker):
-    url = str(tmp_path / "s")
-    build_store(url, reranker(4), make_docs(5), dtype="bfloat16")
-    new_docs = make_docs(3, prefix="n")
-    m = build_store(url, reranker(1), new_docs, dtype="float32", overwrite=True)
-    assert (m.dtype, m.ratio, m.rows) == ("float32", 1, 3)
-    assert sorted(stored_ids(url)) == sorted(new_docs)
-    assert_same_memories(open_store(url).fetch(list(new_docs)).memories, encoded(reranker(1), new_docs))
-
-
-def _crashed_run(url: str, rr: KaLMReranker, docs: dict[str, str], dtype: str = "bfloat16") -> None:
-    """What a run leaves behind when it dies after committing a shard but before finalize_store."""
-    settings = writer.settings_for(rr, dtype=dtype, text_join="as_given")
-    assert writer.prepare_store(url, settings) == {}  # nothing committed yet (ids -> text hashes)
-    memories = rr.encode(list(docs.values()))
-    table = writer.memory_table(list(docs), memories, [writer.text_hash(t) for t in docs.values()],
-                                ["<crashed>"] * len(docs), list(range(len(docs))), dtype, 3)
-    writer.write_shard(url, table)
-
-
-def test_a_crashed_run_is_refused_by_readers_and_resumed_exactly_once(root, reranker):
-    rr, url, docs = reranker(4), fsio.join_url(root, "s"), make_docs(11)
-    committed = dict(list(docs.items())[:4])
-    _crashed_run(url, rr, committed)
-    with pytest.raises(IncompleteStoreError):
-        open_store(url)
-    crashed_shards = shard_urls(url)
-    settings = writer.settings_for(rr, dtype="bfloat16", text_join="as_given")
-    assert writer.prepare_store(url, settings) == {d: writer.text_hash(t) for d, t in committed.items()}
-
-    m = build_store(url, rr, docs, shard_rows=4)
-    assert (m.rows, m.input["stored_new"], m.input["skipped_existing"]) == (11, 7, 4)
-    assert set(crashed_shards) <= set(shard_urls(url))
-    ids = stored_ids(url)
-    assert len(ids) == len(set(ids)) == 11 and set(ids) == set(docs)
-    got = open_store(url).fetch(list(docs))
-    assert got.missing == [] and got.corrupt == {}
-    want = {**quantized(encoded(rr, committed), "bfloat16"),
-            **quantized(shardwise_encoded(rr, {d: t for d, t in docs.items() if d not in committed}, 4),
-                         "bfloat16")}
-    assert_same_memories(got.memories, want)
-
-
-def test_a_crashed_run_can_only_be_resumed_with_its_settings(tmp_path, reranker):
-    url = str(tmp_path / "s")
-    _crashed_run(url, reranker(4), make_docs(3), dtype="int8")
-    with pytest.raises(StoreMismatchError, match="dtype: 'int8'"):
-        build_store(url, reranker(4), make_docs(5), dtype="bfloat16")
-    m = build_store(url, reranker(4), make_docs(5), dtype="int8")
-    assert (m.rows, m.input["stored_new"], m.dtype) == (5, 2, "int8")
-
-
-@pytest.mark.parametrize("copy_name", ["part-00000000000000000000.parquet", "part-zzzzzzzzzzzzzzzzzzzz.parquet"])
-def test_a_duplicate_shard_is_kept_once(root, reranker, copy_name):
-    rr, url, docs = reranker(4), fsio.join_url(root, "s"), make_docs(9)
+def test_a_truncated_data_file_stays_partial(root, reranker, caplog):
+    """One of three data files cut to 60%: reported once (file, version, its ids); the rest is served and verified."""
+    rr, docs, url = reranker(4), make_docs(12), fsio.join_url(root, "s")
     build_store(url, rr, docs, dtype="float32", shard_rows=4)
-    original = shard_urls(url)[1]
-    fsio.write_bytes_atomic(fsio.join_url(url, writer.SHARDS_DIR, copy_name), fsio.read_bytes(original))
-    assert len(stored_ids(url)) == 9 + read_table(original).num_rows
+    reader = open_store(url)
+    victim = reader.file_of("d5")
+    lost = sorted(d for d in docs if reader.file_of(d) == victim)
+    data = fsio.read_bytes(fsio.join_url(url, victim))
+    fsio.write_bytes_atomic(fsio.join_url(url, victim), data[: int(len(data) * 0.6)])
+    reader = open_store(url, cache_bytes=0)
+    with caplog.at_level(logging.ERROR, logger="kalm_batch.store.reader"):
+        got = reader.fetch(list(docs))
+        again = reader.fetch(lost)
+    assert sorted(got.corrupt) == lost == sorted(again.corrupt) and got.missing == []
+    assert all(victim in m and "version 0" in m for m in got.corrupt.values())
+    assert_same_memories(got.memories, {d: m for d, m in encoded(rr, docs).items() if d not in lost}, atol=0)
+    assert sum(victim in r.getMessage() for r in caplog.records) == 1  # reported once
+    report = reader.verify()
+    assert report["records_ok"] == len(docs) - len(lost) and sorted(report["corrupt"]) == lost
+    assert list(report["bad_files"]) == [victim]
+    assert report["bad_files"][victim]["version"] == 0 and sorted(report["bad_files"][victim]["doc_ids"]) == lost
 
-    m = writer.finalize_store(url, writer.settings_for(rr, dtype="float32", text_join="as_given"), level=3)
-    ids = stored_ids(url)
-    assert len(ids) == len(set(ids)) == m.rows == 9
-    assert [s.name for s in m.shards] == [u.rsplit("/", 1)[-1] for u in shard_urls(url)]
-    got = open_store(url).fetch(list(docs))
-    assert got.corrupt == {} and got.missing == []
-    assert_same_memories(got.memories, shardwise_encoded(rr, docs, 4))
+
+def test_store_files_are_readable_by_others_as_the_umask_allows(tmp_path, reranker):
+    old = os.umask(0o022)
+    try:
+        url = str(tmp_path / "s")
+        build_store(url, reranker(4), make_docs(3))
+    finally:
+        os.umask(old)
+    root = local_path(url)
+    files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+    assert any(f.endswith(".parquet") for f in files)
+    for f in files:
+        assert stat.S_IMODE(os.stat(f).st_mode) & 0o044 == 0o044, f
 
 
-def test_a_doc_id_repeated_within_a_shard_is_kept_once(tmp_path, reranker):
+# ----------------------------------------------------------------------------------------------- versions
+def test_refresh_replaces_changed_adds_new_deletes_missing_and_keeps_old_versions(root, reranker):
+    rr, url = reranker(4), fsio.join_url(root, "s")
+    docs = make_docs(10)
+    build_store(url, rr, docs, dtype="float32", shard_rows=4)
+    v1 = shardwise_encoded(rr, docs, 4)
+    changed = {**docs, "d2": "d2 was edited today", "n1": "a brand new passage"}
+    del changed["d7"]
+    counting = CountingEncoder(rr)
+    commit = build_store(url, counting, changed, dtype="float32", shard_rows=4, delete_missing=True)
+    assert sorted(counting.texts) == sorted(["d2 was edited today", "a brand new passage"])  # nothing else encoded
+    assert (commit.version, commit.new, commit.refreshed, commit.deleted) == (1, 1, 1, 1)
+    latest = open_store(url)
+    assert latest.version == 1 and sorted(delta(url).to_pyarrow_table().column("doc_id").to_pylist()) == sorted(
+        changed)  # each id once, as deltalake itself sees it
+    want = {**{d: m for d, m in v1.items() if d in changed}, **encoded(rr, {d: changed[d] for d in ("d2", "n1")})}
+    assert_same_memories(latest.fetch(list(changed)).memories, want)
+    old = open_store(url, version=0)  # time travel: version 0 is untouched
+    assert old.version == 0 and len(old) == 10 and "n1" not in old
+    assert_same_memories(old.fetch(list(docs)).memories, v1)
+    assert build_store(url, CountingEncoder(rr), changed, dtype="float32", delete_missing=True) is None  # no-op
+    assert open_store(url).version == 1
+    kept = build_store(url, rr, {"d0": docs["d0"]}, dtype="float32")  # without delete_missing nothing is removed
+    assert kept is None and len(open_store(url)) == len(changed)
+
+
+def test_no_refresh_keeps_stale_memories(tmp_path, reranker):
+    rr, url, docs = reranker(4), str(tmp_path / "s"), make_docs(4)
+    build_store(url, rr, docs, dtype="float32")
+    counting = CountingEncoder(rr)
+    assert build_store(url, counting, {**docs, "d1": "edited"}, dtype="float32", refresh=False) is None
+    assert counting.texts == []
+    assert_same_memories(open_store(url).fetch(["d1"]).memories, {"d1": encoded(rr, docs)["d1"]})
+
+
+def test_a_version_that_does_not_exist_is_a_clear_error(tmp_path, reranker):
+    url = str(tmp_path / "s")
+    build_store(url, reranker(4), make_docs(2))
+    build_store(url, reranker(4), make_docs(3))
+    for bad in (2, 99, -1):
+        with pytest.raises(StoreVersionError, match=r"has no version .*versions are 0\.\.1"):
+            open_store(url, version=bad)
+    assert (open_store(url, version=0).version, len(open_store(url, version=0)), len(open_store(url))) == (0, 2, 3)
+
+
+def test_no_store_and_an_old_layout_store_are_refused_with_what_to_do(tmp_path, reranker):
+    with pytest.raises(IncompleteStoreError, match="kalm-batch encode"):
+        open_store(str(tmp_path / "nothing here"))
+    old = tmp_path / "old"
+    (old / "shards").mkdir(parents=True)
+    (old / "manifest.json").write_text('{"schema_version": 1}')
+    with pytest.raises(OldLayoutError, match="old layout.*Re-encode"):
+        open_store(str(old))
+    with pytest.raises(OldLayoutError, match="--overwrite"):
+        build_store(str(old), reranker(4), make_docs(2))
+    build_store(str(old), reranker(4), make_docs(2), overwrite=True)
+    assert len(open_store(str(old))) == 2 and not (old / "manifest.json").exists()
+
+
+def test_other_settings_are_refused_and_overwrite_is_a_new_version(tmp_path, reranker):
+    url = str(tmp_path / "s")
+    build_store(url, reranker(4), make_docs(4))
+    with pytest.raises(StoreMismatchError, match="ratio: 4 .store. != 8"):
+        build_store(url, reranker(8), make_docs(4))
+    with pytest.raises(StoreMismatchError, match="dtype"):
+        build_store(url, reranker(4), make_docs(4), dtype="int8")
+    commit = build_store(url, reranker(8), make_docs(3), overwrite=True)
+    assert commit.version == 2  # 1 = the overwrite (new settings, no rows), 2 = the rows
+    now, before = open_store(url), open_store(url, version=0)
+    assert (now.ratio, len(now), before.ratio, len(before)) == (8, 3, 4, 4)
+
+
+@pytest.mark.parametrize(("where", "fresh"), [("file", False), ("file", True),
+                                               pytest.param("s3", False, marks=pytest.mark.s3),
+                                               pytest.param("s3", True, marks=pytest.mark.s3)])
+def test_two_writers_at_once_one_commits_the_other_gets_a_clear_error(request, tmp_path, reranker, where, fresh):
+    """On an existing store (a version conflict) and on a fresh one (both create the table): one wins."""
+    rr = reranker(4)
+    url = (request.getfixturevalue("s3_bucket") if where == "s3" else "file://" + str(tmp_path)) + "/store"
+    before = {} if fresh else make_docs(4)
+    if before:
+        build_store(url, rr, before)
+    base = -1 if fresh else 0
+    settings = settings_for(rr, dtype="bfloat16", text_join="as_given")
+    a, b = StoreWriter(url, settings, storage_options=None), StoreWriter(url, settings)
+    a.prepare()
+    b.prepare()
+    docs = {"x1": "one passage", "d1": "d1 edited by both writers"}
+
+    def table(prefix: str):
+        mems = rr.encode([prefix + t for t in docs.values()])
+        return memory_table(list(docs), mems, [text_hash(prefix + t) for t in docs.values()], ["t"] * 2, [0, 1],
+                            "bfloat16", 3)
+
+    fa, fb = a.write(table("a: ")), b.write(table("b: "))
+    assert a.commit([fa]).version == base + 1
+    with pytest.raises(ConcurrentWriterError, match=rf"another writer committed version {base + 1} of .* re-running"):
+        b.commit([fb])
+    reader = open_store(url)
+    assert reader.version == base + 1 and len(reader) == len({*before, *docs})
+    ids = delta(url).to_pyarrow_table().column("doc_id").to_pylist()
+    assert sorted(ids) == sorted({*before, *docs})  # nothing of writer b, nothing twice
+    assert_same_memories(reader.fetch(["x1"]).memories,
+                         quantized({"x1": rr.encode(["a: one passage"])[0]}, "bfloat16"))
+
+
+def test_a_doc_id_repeated_in_new_files_is_stored_once(tmp_path, reranker):
     rr, url = reranker(4), str(tmp_path / "s")
-    texts = ["first text", "other", "second text for the same id"]
-    ids = ["dup", "other", "dup"]
-    settings = writer.settings_for(rr, dtype="float32", text_join="as_given")
-    writer.prepare_store(url, settings)
-    memories = rr.encode(texts)
-    table = writer.memory_table(ids, memories, [writer.text_hash(t) for t in texts], ["x"] * 3, [0, 1, 2], "float32", 3)
-    writer.write_shard(url, table)
-    m = writer.finalize_store(url, settings, level=3)
-    assert m.rows == 2 and sorted(stored_ids(url)) == ["dup", "other"]
-    got = open_store(url).fetch(["dup", "other"])
-    assert_same_memories(got.memories, {"dup": memories[0], "other": memories[1]})  # the first "dup" row wins
+    settings = settings_for(rr, dtype="float32", text_join="as_given")
+    w = StoreWriter(url, settings)
+    w.prepare()
+    mems = rr.encode(["first", "second", "third"])
+    t1 = memory_table(["dup", "dup", "other"], mems, ["h1", "h2", "h3"], ["s"] * 3, [0, 1, 2], "float32", 3)
+    t2 = memory_table(["dup"], mems[2:], ["h3"], ["s"], [3], "float32", 3)
+    commit = w.commit([w.write(t1), w.write(t2)])
+    assert commit.new == 2
+    reader = open_store(url)
+    assert sorted(delta(url).to_pyarrow_table().column("doc_id").to_pylist()) == ["dup", "other"]
+    assert_same_memories(reader.fetch(["dup", "other"]).memories, {"dup": mems[0], "other": mems[2]})
 
 
 # ----------------------------------------------------------------------------------------------- model checks
-def test_check_model_accepts_the_encoding_model_only(tmp_path, reranker):
+def test_check_compatible_accepts_the_encoding_model_only(tmp_path, reranker, other_model_dir, caplog):
     rr, url = reranker(4), str(tmp_path / "s")
     build_store(url, rr, make_docs(2))
     reader = open_store(url)
-    reader.check_model(rr.fingerprint)
-    reader.check_model(reranker(4, max_length=32).fingerprint)  # same model, other settings: still the same model
-    other = ModelFingerprint(model_id="someone/other-reranker", revision="abc123", config_sha256="0" * 64,
-                             tokenizer_sha256=rr.fingerprint.tokenizer_sha256,
-                             weights_sha256=rr.fingerprint.weights_sha256)
+    check_compatible(reader, rr)
+    check_compatible(reader, reranker(4, max_length=32))  # same model, other settings: still the same model
+    other = reranker(4, model_dir=other_model_dir)
     with pytest.raises(StoreMismatchError) as err:
-        reader.check_model(other)
+        check_compatible(reader, other)
+    message = str(err.value)
+    assert "weights_sha256" in message and url in message and "version 0" in message
+    with caplog.at_level(logging.WARNING):
+        check_compatible(reader, other, allow_mismatch=True)
+    assert "MISMATCH" in caplog.text
+
+    class Wider:
+        hidden_size = rr.hidden_size * 2
+        fingerprint = rr.fingerprint
+
+    with pytest.raises(StoreMismatchError, match="wide memories"):
+        check_compatible(reader, Wider(), allow_mismatch=True)
+
+
+def test_a_fingerprint_with_another_config_is_named(tmp_path, reranker):
+    rr, url = reranker(4), str(tmp_path / "s")
+    build_store(url, rr, make_docs(2))
+
+    class Other:
+        hidden_size = rr.hidden_size
+        fingerprint = ModelFingerprint(model_id="someone/other-reranker", revision="abc123", config_sha256="0" * 64,
+                                       tokenizer_sha256=rr.fingerprint.tokenizer_sha256,
+                                       weights_sha256=rr.fingerprint.weights_sha256)
+
+    with pytest.raises(StoreMismatchError) as err:
+        check_compatible(open_store(url), Other())
     message = str(err.value)
     assert repr(rr.fingerprint.model_id) in message and "'someone/other-reranker'" in message
-    assert "config_sha256" in message and "tokenizer_sha256" not in message and "weights_sha256" not in message
-    reader.check_model(other, allow_mismatch=True)
-
-
-def test_check_model_refuses_a_model_with_other_weights(tmp_path, reranker, other_model_dir):
-    url = str(tmp_path / "s")
-    build_store(url, reranker(4), make_docs(2))
-    with pytest.raises(StoreMismatchError, match="weights_sha256"):
-        open_store(url).check_model(reranker(4, model_dir=other_model_dir).fingerprint)
+    assert "config_sha256" in message and "tokenizer_sha256" not in message
 
 
 def test_the_same_model_under_another_path_is_the_same_model(tmp_path, reranker, tiny_model_dir):
@@ -534,8 +569,8 @@ def test_the_same_model_under_another_path_is_the_same_model(tmp_path, reranker,
     build_store(url, reranker(4), make_docs(2))
     copy = shutil.copytree(tiny_model_dir, tmp_path / "copy of the model")
     moved = reranker(4, model_dir=copy)
-    open_store(url).check_model(moved.fingerprint)
-    assert build_store(url, moved, make_docs(3)).rows == 3  # resuming from the other path is allowed
+    check_compatible(open_store(url), moved)
+    assert build_store(url, moved, make_docs(3)).new == 1  # refreshing from the other path is allowed
 
 
 # ----------------------------------------------------------------------------------------------- awkward names
@@ -550,8 +585,8 @@ def test_awkward_doc_ids_and_store_urls(request, tmp_path, reranker, where):
     else:
         url = str(tmp_path / "my stores ünï 文档" / "store 1")
     docs = [(d, f"passage for {d[:20]}") for d in AWKWARD_IDS] + [("d0", "a later duplicate is ignored")]
-    m = build_store(url, rr, docs, dtype="float32", shard_rows=3)
-    assert m.rows == len(AWKWARD_IDS) and m.input["skipped_existing"] == 1
+    commit = build_store(url, rr, docs, dtype="float32", shard_rows=3)
+    assert commit.new == len(AWKWARD_IDS)
     reader = open_store(url)
     assert all(d in reader for d in AWKWARD_IDS)
     got = reader.fetch(AWKWARD_IDS)

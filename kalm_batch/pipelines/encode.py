@@ -1,12 +1,12 @@
-"""The corpus encode job: shard a corpus across workers into a memory store (resumable, exactly once).
+"""The corpus encode job: a corpus into a memory store (a Delta table), refreshing what changed, resumable.
 
-Ray Data does the distribution (read tasks, actor pools for tokenizing and encoding, shard-writing tasks, progress
+Ray Data does the distribution (read tasks, actor pools for tokenizing and encoding, data-file writers, progress
 bars, retries). Two things are ours, on purpose:
-- The store is its own checkpoint. Committed shards carry their doc ids; a re-run reads them and skips those rows.
-  Ray Data's CheckpointConfig would keep a second id log beside the store, needs a Ray Data write sink, and names
-  output files per task rather than by content — a retried task could then add duplicate rows.
-- Shards are written by our task (not ``write_parquet``) so each file is named by its doc ids (a retry rewrites the
-  same file), committed atomically, and reported back (rows, bytes, sha256) for the manifest.
+- The store is its own checkpoint. Committed versions carry their doc ids and text hashes; a re-run reads them and
+  skips the rows whose text is unchanged, re-encodes the changed ones (refresh) and adds the new ones.
+- Data files are written by our actors (not ``write_delta``) in the layout point lookups need, and committed by the
+  driver through ``StoreWriter`` every ``commit_every_files`` files or ``commit_every_minutes`` (one table version
+  each): a killed job loses at most the work since its last commit, and no version ever holds an id twice.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from kalm_batch import fsio
 from kalm_batch.corpus import JOIN_MODES, CorpusFormat, list_corpus_files
 from kalm_batch.model import DEFAULT_MODEL
 from kalm_batch.pipelines import encode_stages as S
 from kalm_batch.pipelines.cluster import actor_resources, init_ray, stage_remote_args
-from kalm_batch.store.manifest import Manifest, ShardInfo, StoreError
-from kalm_batch.store.writer import CHANGED_FILE, finalize_store, prepare_store, settings_for, write_errors
+from kalm_batch.store.errors import StoreError
+from kalm_batch.store.writer import CommitResult, StoreWriter, settings_for
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +52,13 @@ class EncodeConfig(BaseModel):
                                       "length-sort window (a larger window pads less; see BENCHMARKS.md). Default: "
                                       "1024, fewer when long passages at a small ratio would make a call's memories "
                                       "large (at most 2^18 vectors per call)")
-    shard_rows: int = Field(1024, ge=1, description="passages per Parquet shard")
-    overwrite: bool = Field(False, description="delete an existing store made with other settings")
+    shard_rows: int = Field(1024, ge=1, description="passages per data file")
+    refresh: bool = Field(True, description="re-encode stored passages whose text changed (--no-refresh keeps their "
+                                            "stale memories and lists them in the run's changed.jsonl)")
+    delete_missing: bool = Field(False, description="also delete stored passages whose id the corpus no longer has")
+    commit_every_files: int = Field(64, ge=1, description="commit progress (one table version) every N data files")
+    commit_every_minutes: float = Field(10.0, gt=0, description="... or every M minutes, whichever comes first")
+    overwrite: bool = Field(False, description="replace a store made with other settings (a new version)")
     storage_options: dict | None = Field(None, description="fsspec options for the corpus and store URLs")
     num_cpus: int | None = Field(None, description="CPUs for a local Ray (default: all)")
     cpu_threads: int | None = Field(None, description="torch threads per encoder actor on CPU (default: the "
@@ -63,10 +67,14 @@ class EncodeConfig(BaseModel):
 
 class EncodeSummary(BaseModel):
     store: str
-    input_rows: int
+    version: int                   # the table version holding this run's result
+    input_rows: int                # = stored_new + refreshed + skipped_existing + rejected
     stored_new: int
+    refreshed: int = 0             # stored ids whose text changed: re-encoded and replaced
+    deleted: int = 0               # stored ids absent from the corpus, deleted (--delete-missing)
     skipped_existing: int
-    changed_since_stored: int = 0  # skipped ids whose text changed since they were stored (errors/changed.jsonl)
+    changed_since_stored: int = 0  # skipped ids whose text changed (--no-refresh; the run's changed.jsonl)
+    commits: int = 0               # table versions this run committed
     rejected: int
     rejected_by_reason: dict[str, int]
     truncated: int
@@ -85,7 +93,8 @@ class EncodeSummary(BaseModel):
     errors_file: str
 
     def table(self) -> str:
-        keys = ["input_rows", "stored_new", "skipped_existing", "changed_since_stored", "rejected", "truncated",
+        keys = ["version", "input_rows", "stored_new", "refreshed", "deleted", "skipped_existing",
+                "changed_since_stored", "commits", "rejected", "truncated",
                 "tokens", "seconds", "docs_per_s", "tokens_per_s", "padding_ratio", "bytes_written", "bytes_per_doc", "store_rows",
                 "worker_peak_rss_mb", "encoder_seconds", "encoder_busy_share", "encoder_load_seconds"]
         width = max(map(len, keys))
@@ -129,7 +138,7 @@ def _launch_plan(cfg: EncodeConfig, files: list[str], committed: dict[str, str])
     read_ids = ray.remote(S.read_file_ids).options(**remote)
     id_refs = [read_ids.remote(url, i, _format(cfg), cfg.storage_options) for i, url in enumerate(files)]
     plan = ray.remote(S.plan_from_id_tables).options(num_returns=2, **remote)
-    return plan.remote(ray.put(committed), files, *id_refs)
+    return plan.remote(ray.put(committed), files, cfg.refresh, *id_refs)
 
 
 def _encode_pipeline(cfg: EncodeConfig, files: list[str], drop_ref):
@@ -155,7 +164,7 @@ def _encode_pipeline(cfg: EncodeConfig, files: list[str], drop_ref):
                                    max_tokens_per_batch=cfg.max_tokens_per_batch, batch_size=cfg.batch_size,
                                    cpu_threads=cfg.cpu_threads or max(1, (os.cpu_count() or 1) // cfg.workers)))
     return encoded.map_batches(
-        S.WriteShards, batch_size=cfg.shard_rows, batch_format="numpy", num_cpus=0.25,
+        S.WriteShards, batch_size=cfg.shard_rows, batch_format="pyarrow", num_cpus=0.25,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.workers),
         fn_constructor_kwargs={"store_url": cfg.store, "storage_options": cfg.storage_options}, **remote)
 
@@ -176,9 +185,9 @@ def _keep_rows(batch: dict, drop_ref) -> dict:
 def run_encode(cfg: EncodeConfig) -> EncodeSummary:
     """Run the whole job (local Ray unless ``cfg.address``); returns the summary, the store is committed.
 
-    The corpus is read twice: an ids pass that plans duplicates and resumption, and the streaming pass that encodes.
-    On a fresh store both start at once (the keep stage waits for the plan while the encoder actors load); when
-    resuming, the plan comes first so that a run with nothing left to do starts no encoder at all.
+    The corpus is read twice: an ids pass that plans duplicates, refreshes and deletions, and the streaming pass that
+    encodes. On a fresh store both start at once (the keep stage waits for the plan while the encoder actors load);
+    on an existing store the plan comes first so that a run with nothing to encode starts no encoder at all.
     """
     import ray
 
@@ -187,64 +196,89 @@ def run_encode(cfg: EncodeConfig) -> EncodeSummary:
     start = time.perf_counter()
     files = list_corpus_files(cfg.corpus, cfg.storage_options)
     probe = KaLMReranker(cfg.model, chunk_size=cfg.ratio, max_length=cfg.max_length)  # tokenizer + config only
-    settings = settings_for(probe, dtype=cfg.dtype, text_join=cfg.join)
-    committed = prepare_store(cfg.store, settings, overwrite=cfg.overwrite, storage_options=cfg.storage_options)
+    writer = StoreWriter(cfg.store, settings_for(probe, dtype=cfg.dtype, text_join=cfg.join), level=cfg.level,
+                         storage_options=cfg.storage_options)
+    committed = writer.prepare(overwrite=cfg.overwrite)
     init_ray(cfg.address, num_cpus=cfg.num_cpus)
     drop_ref, plan_ref = _launch_plan(cfg, files, committed)
     plan: S.EncodePlan | None = None if not committed else ray.get(plan_ref)
-    shard_rows = []
+    progress = _Progress(writer, cfg)
     if plan is None or plan.to_encode > 0:
-        shard_rows = _encode_pipeline(cfg, files, drop_ref).take_all()
+        for row in _encode_pipeline(cfg, files, drop_ref).iter_rows():
+            progress.add(row)
     plan = plan or ray.get(plan_ref)
     if plan.good_rows == 0:
-        write_errors(cfg.store, plan.rejected, cfg.storage_options)
+        errors_url = writer.record_errors(plan.rejected)
         raise NoGoodRowsError(f"every one of the {plan.input_rows} input rows of {cfg.corpus} was rejected; nothing "
-                              f"was stored. See {fsio.join_url(cfg.store, 'errors/rejected.jsonl')} for the reasons.")
-    errors_url = write_errors(cfg.store, plan.rejected, cfg.storage_options)
-    _report_changed(cfg, plan)
-    return _finish(cfg, settings, start, len(files), plan, shard_rows, errors_url)
+                              f"was stored. See {errors_url} for the reasons.")
+    errors_url = writer.record_errors(plan.rejected, plan.changed)
+    _report_changed(plan, errors_url)
+    stats = {"corpus": cfg.corpus, "files": len(files), "input_rows": plan.input_rows, "text_join": cfg.join}
+    progress.commit(delete_ids=plan.absent if cfg.delete_missing else (), stats=stats, final=True)
+    return _finish(cfg, writer, start, plan, progress, errors_url)
 
 
-def _report_changed(cfg: EncodeConfig, plan: S.EncodePlan) -> None:
-    """Skipped ids whose text is not the text that was encoded: their stored memory is stale. Say so, never silently."""
-    url = write_errors(cfg.store, plan.changed, cfg.storage_options, name=CHANGED_FILE)
+class _Progress:
+    """The driver's side of the stream: written data files, committed every N files or M minutes."""
+
+    def __init__(self, writer: StoreWriter, cfg: EncodeConfig):
+        self.writer, self.cfg = writer, cfg
+        self.rows: list[dict] = []
+        self.pending: list[dict] = []
+        self.commits: list[CommitResult] = []
+        self.last = time.monotonic()
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.pending.append({"path": row["path"], "size": int(row["size"]), "rows": int(row["rows"])})
+        if (len(self.pending) >= self.cfg.commit_every_files
+                or time.monotonic() - self.last >= 60 * self.cfg.commit_every_minutes):
+            self.commit()
+
+    def commit(self, delete_ids=(), stats: dict | None = None, final: bool = False) -> None:
+        result = self.writer.commit(self.pending, delete_ids=delete_ids, stats=stats,
+                                    operation="encode" if final else "encode (progress)")
+        if result is not None:
+            self.commits.append(result)
+            log.info("committed version %d of %s: %d new, %d refreshed, %d deleted", result.version,
+                     self.cfg.store, result.new, result.refreshed, result.deleted)
+        self.pending, self.last = [], time.monotonic()
+
+
+def _report_changed(plan: S.EncodePlan, errors_url: str) -> None:
+    """Skipped ids whose text is not the text that was encoded (--no-refresh): say so, never silently."""
     if plan.changed:
         log.warning("%d passages are already stored under their id but their text has changed since (e.g. %r); their "
-                    "stored memories are stale and were NOT re-encoded. Listed in %s. Encode the corpus into a new "
-                    "store to refresh them.", len(plan.changed), plan.changed[0]["doc_id"], url)
+                    "stored memories are stale and were NOT re-encoded (--no-refresh). Listed in %s. Run without "
+                    "--no-refresh to refresh them.", len(plan.changed), plan.changed[0]["doc_id"],
+                    errors_url.replace("rejected.jsonl", "changed.jsonl"))
 
 
-def _finish(cfg, settings, start, n_files, plan: S.EncodePlan, shard_rows, errors_url) -> EncodeSummary:
-    input_rows, rejected = plan.input_rows, plan.rejected
+def _finish(cfg, writer: StoreWriter, start, plan: S.EncodePlan, progress: _Progress, errors_url) -> EncodeSummary:
+    input_rows, rejected, rows = plan.input_rows, plan.rejected, progress.rows
     by_reason: dict[str, int] = {}
     for r in rejected:
         by_reason[_reason_kind(r["reason"])] = by_reason.get(_reason_kind(r["reason"]), 0) + 1
-    new = [ShardInfo(name=r["name"], rows=r["rows"], bytes=r["bytes"], sha256=r["sha256"]) for r in shard_rows]
-    stored_new = sum(r["rows"] for r in shard_rows)
-    tokens = sum(r["tokens"] for r in shard_rows)
-    padded = sum(r["padded_positions"] for r in shard_rows)
-    stats = {"corpus": cfg.corpus, "files": n_files, "input_rows": input_rows, "stored_new": stored_new,
-             "skipped_existing": len(plan.skip), "changed_since_stored": len(plan.changed),
-             "rejected": len(rejected), "rejected_by_reason": by_reason,
-             "truncated": sum(r["truncated"] for r in shard_rows), "text_join": cfg.join,
-             "errors_file": errors_url}
-    manifest: Manifest = finalize_store(cfg.store, settings, level=cfg.level, new_shards=new, input_stats=stats,
-                                        storage_options=cfg.storage_options)
-    if input_rows != stored_new + len(plan.skip) + len(rejected):
-        raise StoreError(f"row accounting does not add up: {input_rows} input rows != {stored_new} stored + "
-                         f"{len(plan.skip)} already stored + {len(rejected)} rejected")
+    stored_new = sum(c.new for c in progress.commits)
+    refreshed = sum(c.refreshed for c in progress.commits)
+    if input_rows != stored_new + refreshed + len(plan.skip) + len(rejected):
+        raise StoreError(f"row accounting does not add up: {input_rows} input rows != {stored_new} new + {refreshed} "
+                         f"refreshed + {len(plan.skip)} already stored + {len(rejected)} rejected")
+    tokens = sum(r["tokens"] for r in rows)
+    padded = sum(r["padded_positions"] for r in rows)
     secs = time.perf_counter() - start
-    mem_bytes = sum(r["memory_bytes"] for r in shard_rows)
-    busy = sum(r["encode_seconds"] for r in shard_rows)
+    encoded = sum(r["rows"] for r in rows)
+    mem_bytes = sum(r["memory_bytes"] for r in rows)
+    busy = sum(r["encode_seconds"] for r in rows)
     return EncodeSummary(
-        store=cfg.store, input_rows=input_rows, stored_new=stored_new, skipped_existing=len(plan.skip),
-        changed_since_stored=len(plan.changed),
-        rejected=len(rejected), rejected_by_reason=by_reason, truncated=stats["truncated"], tokens=tokens,
-        seconds=round(secs, 3), docs_per_s=round(stored_new / secs, 2), tokens_per_s=round(tokens / secs, 1),
-        padding_ratio=round(1 - tokens / padded, 4) if padded else 0.0,
-        bytes_written=sum(r["bytes"] for r in shard_rows),
-        bytes_per_doc=round(mem_bytes / stored_new, 1) if stored_new else 0.0, store_rows=manifest.rows,
-        worker_peak_rss_mb=max([r["worker_rss_mb"] for r in shard_rows], default=0.0),
+        store=cfg.store, version=writer.version, input_rows=input_rows, stored_new=stored_new, refreshed=refreshed,
+        deleted=sum(c.deleted for c in progress.commits), skipped_existing=len(plan.skip),
+        changed_since_stored=len(plan.changed), commits=len(progress.commits),
+        rejected=len(rejected), rejected_by_reason=by_reason, truncated=sum(r["truncated"] for r in rows),
+        tokens=tokens, seconds=round(secs, 3), docs_per_s=round(encoded / secs, 2),
+        tokens_per_s=round(tokens / secs, 1), padding_ratio=round(1 - tokens / padded, 4) if padded else 0.0,
+        bytes_written=sum(r["size"] for r in rows), bytes_per_doc=round(mem_bytes / encoded, 1) if encoded else 0.0,
+        store_rows=writer.rows, worker_peak_rss_mb=max([r["worker_rss_mb"] for r in rows], default=0.0),
         encoder_seconds=round(busy, 2), encoder_busy_share=round(busy / (secs * cfg.workers), 3) if secs else 0.0,
-        encoder_load_seconds=round(max([r["encoder_load_seconds"] for r in shard_rows], default=0.0), 2),
+        encoder_load_seconds=round(max([r["encoder_load_seconds"] for r in rows], default=0.0), 2),
         errors_file=errors_url)

@@ -2,7 +2,8 @@
 
 ids pass (one CPU task per file) -> plan (duplicates, already-stored ids)
 read (CPU tasks) -> keep (waits for the plan) -> tokenize (CPU actors) -> encode + pool + codec (GPU/CPU actors,
-encoder half only) -> write shards (CPU actors). Rows are dicts of columns (pandas-free numpy batches).
+encoder half only) -> write data files (CPU actors). Rows are dicts of numpy columns up to the encoder; from the
+encoder to the data files batches stay Arrow tables.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import pyarrow.compute as pc
 from kalm_batch.batching import PaddingStats
 from kalm_batch.corpus import CorpusFormat, Passage, read_corpus_file
 from kalm_batch.pipelines.cluster import process_peak_rss_mb
-from kalm_batch.store.writer import SHARD_SCHEMA, memory_table, text_hash, write_shard
+from kalm_batch.store.layout import as_data_table, write_data_file
+from kalm_batch.store.writer import memory_table, text_hash
 from kalm_batch.textlimits import tokenize_prefix
 
 CHANGED_TEXT = "text changed since it was stored"
@@ -60,14 +62,16 @@ def rejected_rows(ids: pa.Table) -> list[dict]:
 
 @dataclass
 class EncodePlan:
-    """Decisions made on the driver from the ids alone: which rows are duplicates and which are already stored."""
+    """Decisions made from the ids alone: duplicates, rows already stored (skipped), rows to refresh, ids to delete."""
 
     duplicates: dict[tuple[int, int], str] = field(default_factory=dict)  # (file_index, line) -> reason
-    skip: set[tuple[int, int]] = field(default_factory=set)               # rows already committed in the store
+    skip: set[tuple[int, int]] = field(default_factory=set)               # rows stored with this text (or no refresh)
+    refresh: set[tuple[int, int]] = field(default_factory=set)            # stored rows whose text changed: re-encoded
     good_rows: int = 0
     input_rows: int = 0
     rejected: list[dict] = field(default_factory=list)                    # reader rejections, then duplicates
-    changed: list[dict] = field(default_factory=list)                     # skipped rows whose text is not the stored one
+    changed: list[dict] = field(default_factory=list)                     # stale rows kept (--no-refresh)
+    absent: list[str] = field(default_factory=list)                       # stored ids the corpus no longer has
 
     @property
     def drop(self) -> set[tuple[int, int]]:
@@ -78,11 +82,12 @@ class EncodePlan:
         return self.good_rows - len(self.duplicates) - len(self.skip)
 
 
-def plan_encode(ids: pa.Table, committed: dict[str, str], files: list[str]) -> EncodePlan:
+def plan_encode(ids: pa.Table, committed: dict[str, str], files: list[str], refresh: bool = True) -> EncodePlan:
     """Keep the first occurrence of each doc id (by file, then line); later ones are rejected as duplicates.
 
-    ``committed`` maps the ids already in the store to their text hash: those rows are skipped, and the ones whose
-    text differs from what was encoded are listed in ``plan.changed`` (their stored memory is stale).
+    ``committed`` maps the ids already in the store to their text hash: rows with the same text are skipped; rows
+    whose text changed are re-encoded (``plan.refresh``), or with ``refresh=False`` skipped and listed in
+    ``plan.changed`` (their stored memory stays stale). Stored ids the corpus lacks are listed in ``plan.absent``.
     """
     good = ids.filter(pc.equal(ids.column("reason"), ""))
     good = good.sort_by([("file_index", "ascending"), ("line", "ascending")])
@@ -96,17 +101,23 @@ def plan_encode(ids: pa.Table, committed: dict[str, str], files: list[str]) -> E
             continue
         first[doc_id] = (source, line)
         if doc_id in committed:
+            stale = committed[doc_id] != sha
+            if stale and refresh:
+                plan.refresh.add((fi, line))
+                continue
             plan.skip.add((fi, line))
-            if committed[doc_id] and committed[doc_id] != sha:
+            if stale:
                 plan.changed.append({"source": source, "line": line, "doc_id": doc_id, "reason": CHANGED_TEXT})
     for (fi, line), reason in sorted(plan.duplicates.items()):
         plan.rejected.append({"source": files[fi], "line": line, "doc_id": None, "reason": reason, "raw": None})
+    plan.absent = [d for d in committed if d not in first]
     return plan
 
 
-def plan_from_id_tables(committed: dict[str, str], files: list[str], *tables: pa.Table) -> tuple[set, EncodePlan]:
+def plan_from_id_tables(committed: dict[str, str], files: list[str], refresh: bool,
+                        *tables: pa.Table) -> tuple[set, EncodePlan]:
     """The plan from the first pass's per-file tables; returns (rows to drop, plan) so the drop set can travel alone."""
-    plan = plan_encode(pa.concat_tables(tables), committed, files)
+    plan = plan_encode(pa.concat_tables(tables), committed, files, refresh)
     return plan.drop, plan
 
 
@@ -158,49 +169,53 @@ class EncodeRows:
         self.codec_dtype, self.level = codec_dtype, level
         self.load_seconds = time.perf_counter() - t0  # imports + encoder load: the actor's fixed cost
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict) -> pa.Table:
         t0 = time.perf_counter()
         stats = PaddingStats()
         memories = self.reranker.encode_ids([list(x) for x in batch["token_ids"]], stats=stats)
         table = memory_table(list(batch["doc_id"]), memories, list(batch["text_sha256"]), list(batch["source"]),
                              [int(x) for x in batch["line"]], self.codec_dtype, self.level)
-        out = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
-        # an all-None column would lose its binary type between stages: carry b"" and restore None when writing
-        out["scales"] = np.array([b"" if x is None else x for x in out["scales"]] + [None], dtype=object)[:-1]
         n = len(memories)
-        out["truncated"] = np.asarray(batch["truncated"], dtype=bool)
-        # padding accounting per batch, spread over its rows so Ray Data can sum it downstream
-        out["padded_positions"] = np.full(n, stats.total_tokens / max(n, 1), dtype=np.float64)
-        out["worker_rss_mb"] = np.full(n, process_peak_rss_mb())
-        # busy time (encode + pool + codec) spread over the rows like the padding; the load time is per actor (max)
-        out["encode_seconds"] = np.full(n, (time.perf_counter() - t0) / max(n, 1), dtype=np.float64)
-        out["encoder_load_seconds"] = np.full(n, self.load_seconds, dtype=np.float64)
-        return out
+        busy = (time.perf_counter() - t0) / max(n, 1)
+        # per-row accounting columns (padding, busy time spread over the rows; the load time is per actor: max)
+        extra = {
+            "truncated": pa.array(np.asarray(batch["truncated"], dtype=bool)),
+            "padded_positions": pa.array(np.full(n, stats.total_tokens / max(n, 1), dtype=np.float64)),
+            "worker_rss_mb": pa.array(np.full(n, process_peak_rss_mb(), dtype=np.float64)),
+            "encode_seconds": pa.array(np.full(n, busy, dtype=np.float64)),
+            "encoder_load_seconds": pa.array(np.full(n, self.load_seconds, dtype=np.float64)),
+        }
+        for name, col in extra.items():
+            table = table.append_column(name, col)
+        return table
 
 
 class WriteShards:
-    """The shard writer as a small actor: it starts with the pipeline, so no process start-up sits at the job's tail."""
+    """The data-file writer as a small actor: it starts with the pipeline, so no process start-up sits at the job's
+    tail. Each batch (an Arrow table of up to ``shard_rows`` encoded passages) becomes one data file + its index."""
 
     def __init__(self, store_url: str, storage_options: dict | None):
         self.store_url, self.storage_options = store_url, storage_options
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: pa.Table) -> dict:
         return write_shard_batch(batch, self.store_url, self.storage_options)
 
 
-def write_shard_batch(batch: dict, store_url: str, storage_options: dict | None) -> dict:
-    """One shard file per batch; returns one row describing it (for the manifest and the summary)."""
-    columns = {name: list(batch[name]) for name in SHARD_SCHEMA.names}
-    columns["scales"] = [x or None for x in columns["scales"]]
-    table = pa.table({name: pa.array(v, type=SHARD_SCHEMA.field(name).type) for name, v in columns.items()},
-                     schema=SHARD_SCHEMA)
-    info = write_shard(store_url, table, storage_options)
+def write_shard_batch(batch: pa.Table, store_url: str, storage_options: dict | None) -> dict:
+    """One data file per batch (not yet committed); returns one row describing it (for the commit and the summary)."""
+    info = write_data_file(store_url, as_data_table(batch), storage_options)
+
+    def total(name: str) -> float:
+        return float(pc.sum(batch.column(name)).as_py() or 0)
+
+    def peak(name: str) -> float:
+        return float(pc.max(batch.column(name)).as_py() or 0)
+
     return {
-        "name": [info.name], "rows": [info.rows], "bytes": [info.bytes], "sha256": [info.sha256],
-        "tokens": [int(np.sum(batch["n_tokens"]))], "vectors": [int(np.sum(batch["n_vectors"]))],
-        "memory_bytes": [int(np.sum(batch["nbytes"]))], "truncated": [int(np.sum(batch["truncated"]))],
-        "padded_positions": [float(np.sum(batch["padded_positions"]))],
-        "worker_rss_mb": [float(np.max(batch["worker_rss_mb"]))],
-        "encode_seconds": [float(np.sum(batch["encode_seconds"]))],
-        "encoder_load_seconds": [float(np.max(batch["encoder_load_seconds"]))],
+        "path": [info["path"]], "size": [info["size"]], "rows": [info["rows"]],
+        "tokens": [int(total("n_tokens"))], "vectors": [int(total("n_vectors"))],
+        "memory_bytes": [int(total("nbytes"))], "truncated": [int(pc.sum(pc.cast(batch.column("truncated"),
+                                                                              pa.int64())).as_py() or 0)],
+        "padded_positions": [total("padded_positions")], "worker_rss_mb": [peak("worker_rss_mb")],
+        "encode_seconds": [total("encode_seconds")], "encoder_load_seconds": [peak("encoder_load_seconds")],
     }

@@ -115,14 +115,11 @@ def open_checked_store(store: str, model: str, *, allow_mismatch: bool = False, 
     (those memories cannot be scored at all).
     """
     from kalm_batch.reranker import KaLMReranker
-    from kalm_batch.store import StoreMismatchError, open_store
+    from kalm_batch.store import check_compatible, open_store
 
     reader = open_store(store, storage_options=storage_options)
     reranker = KaLMReranker(model, chunk_size=reader.ratio)  # config, tokenizer and fingerprint only
-    reader.check_model(reranker.fingerprint, allow_mismatch=allow_mismatch)
-    if reader.manifest.hidden_size != reranker.hidden_size:
-        raise StoreMismatchError(f"store {store} holds {reader.manifest.hidden_size}-wide memories but model {model!r} "
-                                 f"has hidden size {reranker.hidden_size}; score with the model that made the store")
+    check_compatible(reader, reranker, allow_mismatch=allow_mismatch)
     return reader, reranker
 
 
@@ -217,7 +214,7 @@ def run_rerank(cfg: RerankConfig) -> RerankSummary:
     summary = summarize(cfg.out, costs, ranking, problems + pair_problems, metrics, outputs,
                           wall_s=time.perf_counter() - start)
     fsio.write_json_atomic(outputs["summary"], {**summary.model_dump(), "config": cfg.model_dump(
-        exclude={"storage_options"}), "store": reader.manifest.summary()}, cfg.storage_options)
+        exclude={"storage_options"}), "store": reader.summary()}, cfg.storage_options)
     return summary
 
 

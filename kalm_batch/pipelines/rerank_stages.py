@@ -1,7 +1,7 @@
 """Stages of the bulk rerank job, as plain functions and callable classes (each runs without Ray).
 
 - ``pairs_table`` (driver): the (query, candidate) pairs of one cascade stage as an Arrow table, each pair tagged with
-  the store shard holding its document (``StoreReader.shard_of``); documents the store lacks are returned apart.
+  the store data file holding its document (``StoreReader.file_of``); documents the store lacks are returned apart.
 - ``shard_blocks`` (driver): the shard-sorted pairs cut into Ray Data blocks of whole shards.
 - ``ScoreShards`` (actor, ``map_batches`` with one block per batch): for every pair of the shards in its block, it
   fetches the distinct documents in one store read (the reader groups ids by shard and reads only the row groups they
@@ -40,9 +40,10 @@ def pairs_table(pairs: Sequence[tuple[str, str, str, int]], reader, *, stage: in
                 ratio: int) -> tuple[pa.Table, list[tuple[str, str]]]:
     """``pairs`` = (qid, query, doc_id, first_stage_rank) -> (table sorted by shard, [(qid, doc_id) not in store])."""
     cols: dict[str, list] = {name: [] for name in ("qid", "query", "doc_id", "shard", "first_stage_rank")}
-    missing = []
+    missing, file_codes = [], {}
     for qid, query, doc_id, rank in pairs:
-        shard = reader.shard_of(doc_id)
+        file = reader.file_of(doc_id)
+        shard = None if file is None else file_codes.setdefault(file, len(file_codes))
         if shard is None:
             missing.append((qid, doc_id))
             continue

@@ -209,7 +209,7 @@ class KaLMIngress:
                                          max_doc_tokens=body.max_tokens_per_doc))
         meta = {"api_version": {"version": "2"}, "billed_units": {"search_units": math.ceil(len(docs) / 100)},
                 "tokens": {"input_tokens": total_tokens(out), "output_tokens": 0},
-                "kalm": {"model": out.model_id, "ratio": out.ratio}}
+                "kalm": {"model": out.model_id, "ratio": out.ratio, "store_version": out.store_version}}
         if body.max_tokens_per_doc is not None and body.document_ids is not None:
             meta["warnings"] = [("max_tokens_per_doc does not apply to document_ids: their memories were "
                                  "encoded at the store's max_length")]

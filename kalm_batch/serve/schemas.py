@@ -81,6 +81,8 @@ class ServeConfig(BaseModel):
     max_constructor_retries: int = Field(3, ge=1, description="how often Serve retries a failing scorer "
                                                              "constructor before the deployment fails")
     allow_mismatch: bool = Field(False, description="serve even if the store was made with another model")
+    store_version: int | None = Field(None, ge=0, description="serve this store version (default: follow the latest)")
+    store_poll_s: float = Field(10.0, gt=0, description="how often a replica checks the store for a newer version")
     storage_options: dict[str, Any] | None = Field(None, description="fsspec options for the store URL")
     app_name: str = Field("kalm", description="Serve application name")
     route_prefix: str = Field("/", description="Serve route prefix of the application")
@@ -260,6 +262,7 @@ class ScoreOutcome:
     prompt_tokens: list[int] = field(default_factory=list)
     ratio: int | None = None
     model_id: str = ""
+    store_version: int | None = None  # the store version the stored memories came from
     error: ErrorInfo | None = None
 
 

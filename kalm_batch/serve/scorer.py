@@ -1,7 +1,7 @@
 """The scorer deployment: store memories (or freshly encoded raw texts) through the decoder half, batched.
 
 ``ScorerCore`` is the Ray-free part: it opens the store, refuses a store whose fingerprint does not match the model
-(``StoreReader.check_model``), resolves a ``ScoreJob`` into (prompt ids, memory) pairs and runs the decoder. Only
+(``kalm_batch.store.check_compatible``), resolves a ``ScoreJob`` into (prompt ids, memory) pairs and runs the decoder. Only
 the decoder half is loaded at start-up; the encoder is loaded the first time a raw-text request arrives, and raw-text
 memories are cached by sha256 of the text (and the truncation length) in a bounded LRU.
 
@@ -36,7 +36,8 @@ from kalm_batch.batching import round_up, token_budget_batches
 from kalm_batch.prompts import document_text
 from kalm_batch.reranker import KaLMReranker, Memory, Scores
 from kalm_batch.serve.schemas import BatchingConfig, ErrorInfo, ScoreJob, ScoreOutcome, ServeConfig
-from kalm_batch.store import open_store
+from kalm_batch.serve.follow import StoreFollower
+from kalm_batch.store import check_compatible, open_store
 from kalm_batch.textlimits import tokenize_prefix
 
 logger = logging.getLogger("ray.serve")
@@ -103,18 +104,16 @@ class FairLock:
 
 
 def open_compatible_store(cfg: ServeConfig, reranker: KaLMReranker, cache_bytes: int | None = None):
-    """The store reader for ``cfg.store``, refused unless ``reranker``'s model made it.
+    """The store reader for ``cfg.store`` (at ``cfg.store_version``, default the latest), refused unless
+    ``reranker``'s model made it.
 
-    The one place Serve opens the store and checks the model against it: the start-up check (``app.preflight``) and
-    every scorer replica call it. Raises ``StoreError`` (missing/incomplete/unreadable store),
-    ``StoreMismatchError`` (another model) or ``ValueError`` (another hidden size): errors no retry can fix.
+    Used by the start-up check (``app.preflight``); replicas open versions through ``StoreFollower`` with the same
+    ``check_compatible``. Raises ``StoreError`` (missing/incomplete/unreadable store or version) or
+    ``StoreMismatchError`` (another model or hidden size): errors no retry can fix.
     """
-    reader = open_store(cfg.store, storage_options=cfg.storage_options,
+    reader = open_store(cfg.store, version=cfg.store_version, storage_options=cfg.storage_options,
                         cache_bytes=cfg.cache_bytes if cache_bytes is None else cache_bytes)
-    reader.check_model(reranker.fingerprint, allow_mismatch=cfg.allow_mismatch)
-    if reader.manifest.hidden_size != reranker.hidden_size:
-        raise ValueError(f"store {cfg.store} holds {reader.manifest.hidden_size}-wide memories but model {cfg.model} "
-                         f"has hidden size {reranker.hidden_size}; serve the model that made the store")
+    check_compatible(reader, reranker, allow_mismatch=cfg.allow_mismatch)
     return reader
 
 
@@ -131,6 +130,7 @@ class Resolved:
     prompts: list[list[int]]
     memories: list[Memory]
     ratio: int
+    store_version: int | None = None  # the store version the memories came from
 
 
 class ScorerCore:
@@ -139,9 +139,13 @@ class ScorerCore:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.reranker = scorer_reranker(cfg)
-        self.reader = open_compatible_store(cfg, self.reranker)
+        self.follower = StoreFollower(  # owns the current reader; a newer version must pass the same check
+            cfg.store, version=cfg.store_version, poll_s=cfg.store_poll_s, storage_options=cfg.storage_options,
+            cache_bytes=cfg.cache_bytes,
+            check=lambda r: check_compatible(r, self.reranker, allow_mismatch=cfg.allow_mismatch))
+        first = self.follower.current()
         # raw texts are encoded as the store's passages were
-        self.reranker.chunk_size, self.reranker.max_length = self.reader.ratio, self.reader.manifest.max_length
+        self.reranker.chunk_size, self.reranker.max_length = first.ratio, first.summary()["max_length"]
         self.texts = TextMemoryCache(cfg.text_cache_bytes)
         self.model_lock = FairLock()  # one forward at a time (encode and decode share the cores), first come first
         self.encode_step_tokens = cfg.max_encode_tokens  # encoder tokens per locked step (user_config)
@@ -150,20 +154,32 @@ class ScorerCore:
     @property
     def ready(self) -> bool:
         """The store is open and the decoder loaded (what ``/health`` waits for)."""
-        return self.reader is not None and self.reranker._decoder is not None
+        return self.follower is not None and self.reranker._decoder is not None
+
+    @property
+    def reader(self):
+        """The store version requests now start on (``resolve`` takes it once per request)."""
+        return self.follower.current()
 
     # ----- resolving a job ---------------------------------------------------------------------------------------
     def resolve(self, job: ScoreJob) -> Resolved | ErrorInfo:
-        ratio = self.reader.ratio if job.ratio is None else job.ratio
-        if ratio not in self.reader.ratios:
-            return ErrorInfo(422, "invalid_ratio", f"ratio {job.ratio} cannot be served by this store (stored at "
-                             f"r0={self.reader.ratio}); valid ratios: {self.reader.ratios}",
-                             {"valid_ratios": self.reader.ratios})
+        reader = self.reader  # one version for the whole request, even if the follower switches meanwhile
+        resolved = self._resolve(job, reader)
+        if isinstance(resolved, Resolved):
+            resolved.store_version = reader.version
+        return resolved
+
+    def _resolve(self, job: ScoreJob, reader) -> Resolved | ErrorInfo:
+        try:
+            ratio = reader.check_ratio(job.ratio)  # any positive multiple of the store's r0
+        except ValueError as e:
+            return ErrorInfo(422, "invalid_ratio", f"ratio {job.ratio} cannot be served by this store: {e}",
+                             {"valid_ratios": reader.ratios})
         if job.reject_overlong and (err := self._overlong_query(job.queries)) is not None:
             return err
         if job.instruction is not None and (err := self._long_instruction(job.instruction)) is not None:
             return err
-        by_id = self._store_memories([d.value for d in job.docs if d.kind == "id"], ratio, job.request_id)
+        by_id = self._store_memories([d.value for d in job.docs if d.kind == "id"], ratio, job.request_id, reader)
         if isinstance(by_id, ErrorInfo):
             return by_id
         by_text = self._text_memories(job, ratio)
@@ -191,15 +207,18 @@ class ScorerCore:
                              f"{limit} (max_instruction_tokens)", {"field": "instruction", "limit": limit})
         return None
 
-    def _store_memories(self, ids: list[str], ratio: int, request_id: str | None) -> dict[str, Memory] | ErrorInfo:
+    def _store_memories(self, ids: list[str], ratio: int, request_id: str | None,
+                        reader=None) -> dict[str, Memory] | ErrorInfo:
         if not ids:
             return {}
-        got = self.reader.fetch(ids, ratio)
+        reader = reader or self.reader
+        got = reader.fetch(ids, ratio)
         if got.missing:
             shown = got.missing[:_MAX_LISTED_IDS]
             more = f" (and {len(got.missing) - len(shown)} more)" if len(got.missing) > len(shown) else ""
             return ErrorInfo(404, "unknown_document_ids", f"{len(got.missing)} document id(s) are not in the "
-                             f"store: {shown}{more}", {"unknown_document_ids": shown})
+                             f"store (version {reader.version}): {shown}{more}",
+                             {"unknown_document_ids": shown, "store_version": reader.version})
         if got.corrupt:
             logger.error("request %s: corrupt store records: %s", request_id, got.corrupt)
             return ErrorInfo(500, "corrupt_record", "corrupt store record(s): " + "; ".join(got.corrupt.values()),
@@ -256,13 +275,14 @@ class ScorerCore:
         return getattr(self.reranker, "_encoder", None) is not None
 
     def info(self) -> dict:
-        r, m = self.reranker, self.reader.manifest
+        r = self.reranker
         return {
             "model": {"id": self.cfg.model, "fingerprint": r.fingerprint.to_dict(), "dtype": str(r.dtype).replace(
                 "torch.", ""), "device": str(r.device), "hidden_size": r.hidden_size, "max_length": r.max_length,
                 "query_max_length": r.query_max_length, "decoder_loaded": r._decoder is not None,
                 "encoder_loaded": self.encoder_loaded},
-            "store": {"url": self.cfg.store, "documents": len(self.reader), **m.summary()},
+            "store": {"url": self.cfg.store, "documents": len(self.reader), **self.reader.summary(),
+                      "follow": self.follower.info()},
             "ratios": self.reader.ratios,
             "cache": self.reader.cache_info(),
             "text_cache": self.texts.info(),
@@ -394,6 +414,7 @@ class KaLMScorer:
         out.doc_tokens = [m.n_tokens for m in resolved.memories]
         out.prompt_tokens = [len(p) for p in resolved.prompts]
         out.ratio = resolved.ratio
+        out.store_version = resolved.store_version
         return out
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.01, batch_size_fn=_batch_size)

@@ -1,53 +1,54 @@
-"""Writing a memory store: shards, index, errors and the manifest, with a resumable commit protocol.
+"""Writing a memory store: one writer object owns the commit protocol (see storage/README.md).
 
-Protocol (see storage/README.md):
-1. ``prepare_store`` refuses a store made with other settings (unless overwriting), records this run's settings in
-   ``_settings.json`` and returns the doc ids already committed in ``shards/`` with their text hashes (a resume
-   skips them and reports those whose text has changed since).
-2. Shards are written whole and atomically (local: temp file + rename; object stores: one PUT) under a name derived
-   from their doc ids, so a retried task rewrites the same file instead of adding a duplicate.
-3. ``finalize_store`` lists every shard, drops rows whose doc id an earlier shard already holds (exactly once),
-   writes the index and then ``manifest.json`` last. Without a manifest, readers refuse the store.
+    writer = StoreWriter(url, settings, level=3)
+    committed = writer.prepare()            # create the table or check its settings; {doc_id: text_sha256}
+    info = write_data_file(url, table)      # anywhere (Ray tasks too): data file + its index, not yet visible
+    writer.record_errors(rejected, changed) # this run's error report, referenced by the next commit
+    writer.commit([info, ...], delete_ids=...)  # ONE table version: adds, replaced ids removed, deletes
+
+A commit never leaves a doc id twice in a version: ids it adds that the table already holds (a refresh) and ids it
+deletes are removed by rewriting the files that hold them (the memory bytes are copied, never re-encoded). Commits are
+optimistic: a commit is made against the version this writer last saw, and if another writer committed meanwhile it
+fails with ``ConcurrentWriterError`` (S3: conditional put; local: atomic create), leaving no partial version.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Sequence
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 import kalm_batch
 from kalm_batch import fsio
 from kalm_batch.codec import encode_memory
-from kalm_batch.store.manifest import (
-    MANIFEST_NAME, SETTINGS_NAME, Manifest, ShardInfo, StoreMismatchError, StoreSettings, load_manifest, now,
+from kalm_batch.store.errors import ConcurrentWriterError, StoreError, StoreMismatchError
+from kalm_batch.store.layout import DATA_SCHEMA, as_data_table, read_data_file, read_indexes, write_data_file
+from kalm_batch.store.settings import (
+    ERRORS_DIR,
+    OLD_MANIFEST,
+    TABLE_NAME,
+    StoreSettings,
+    TableInfo,
+    codec_info,
+    delta_options,
+    now,
+    parse_description,
+    refuse_missing_table,
+    table_uri,
+    text_hash,
 )
 
-SHARDS_DIR = "shards"
-ERRORS_FILE = "errors/rejected.jsonl"
-CHANGED_FILE = "errors/changed.jsonl"
-ROW_GROUP_ROWS = 64
-SHARD_SCHEMA = pa.schema([
-    ("doc_id", pa.string()), ("n_tokens", pa.int32()), ("n_vectors", pa.int32()), ("memory", pa.binary()),
-    ("scales", pa.binary()), ("checksum", pa.int64()), ("nbytes", pa.int32()), ("text_sha256", pa.string()),
-    ("source", pa.string()), ("line", pa.int64()),
-])
-_COLUMN_COMPRESSION = {name: ("NONE" if name in ("memory", "scales") else "ZSTD") for name in SHARD_SCHEMA.names}
-
-
-def text_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+__all__ = ["CommitResult", "StoreWriter", "build_store", "memory_table", "settings_for", "text_hash",
+           "write_data_file"]
 
 
 def memory_table(doc_ids: Sequence[str], memories, text_hashes: Sequence[str], sources: Sequence[str],
                  lines: Sequence[int], dtype: str, level: int) -> pa.Table:
-    """One shard's rows: memories encoded with the codec (checksummed), plus provenance."""
+    """One data file's rows: memories encoded with the codec (checksummed), plus provenance."""
     encoded = [encode_memory(m.to_numpy(), dtype=dtype, level=level, record=f"doc {d!r}")
                for d, m in zip(doc_ids, memories)]
     return pa.table({
@@ -59,172 +60,246 @@ def memory_table(doc_ids: Sequence[str], memories, text_hashes: Sequence[str], s
         "checksum": [e.checksum for e in encoded],
         "nbytes": [len(e.payload) + len(e.scales or b"") for e in encoded],
         "text_sha256": list(text_hashes), "source": list(sources), "line": list(lines),
-    }, schema=SHARD_SCHEMA)
+    }, schema=DATA_SCHEMA)
 
 
-def shard_name(doc_ids: Iterable[str]) -> str:
-    h = hashlib.sha1()
-    for d in doc_ids:
-        h.update(d.encode("utf-8", "surrogatepass") + b"\0")
-    return f"part-{h.hexdigest()[:20]}.parquet"
+@dataclass
+class CommitResult:
+    version: int
+    new: int          # ids the table did not hold
+    refreshed: int    # ids it held, replaced by a new memory
+    deleted: int      # ids removed
+    files_added: int
+    files_removed: int
 
 
-def _table_bytes(table: pa.Table, row_group_rows: int) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=row_group_rows, compression=_COLUMN_COMPRESSION)
-    return buf.getvalue()
+def _deltalake():
+    import deltalake
+
+    return deltalake
 
 
-def write_shard(store_url: str, table: pa.Table, storage_options: dict | None = None,
-                row_group_rows: int = ROW_GROUP_ROWS) -> ShardInfo:
-    """Write one shard atomically; its name depends only on its doc ids (idempotent under retries)."""
-    name = shard_name(table.column("doc_id").to_pylist())
-    data = _table_bytes(table, row_group_rows)
-    fsio.write_bytes_atomic(fsio.join_url(store_url, SHARDS_DIR, name), data, storage_options)
-    return ShardInfo(name=name, rows=table.num_rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+class StoreWriter:
+    """The single writer of one store for one run."""
 
+    def __init__(self, url: str, settings: StoreSettings, *, level: int = 3, storage_options: dict | None = None):
+        self.url, self.settings, self.level, self.storage_options = url, settings, level, storage_options
+        self._uri, self._opts = table_uri(url), delta_options(url, storage_options)
+        self._dt = None
+        self._ids: dict[str, tuple[str, str]] = {}  # doc_id -> (data file, text_sha256) at self.version
+        self.errors_url: str | None = None
 
-def _stored_settings(store_url: str, storage_options) -> StoreSettings | None:
-    if fsio.exists(fsio.join_url(store_url, MANIFEST_NAME), storage_options):
-        return load_manifest(store_url, storage_options).settings
-    settings_url = fsio.join_url(store_url, SETTINGS_NAME)
-    if fsio.exists(settings_url, storage_options):
-        return StoreSettings.model_validate(fsio.read_json(settings_url, storage_options))
-    return None
+    @classmethod
+    def open_existing(cls, url: str, *, storage_options: dict | None = None) -> StoreWriter:
+        """A writer for maintenance (compaction) of an existing store, with the store's own settings."""
+        from kalm_batch.store.reader import _open_table
 
+        dt, info = _open_table(url, None, storage_options)
+        writer = cls(url, info.settings, level=info.codec.get("level", 3), storage_options=storage_options)
+        writer._dt = dt
+        writer._ids = writer._load_ids(writer._files())
+        return writer
 
-def clear_store(store_url: str, storage_options: dict | None = None) -> None:
-    """Remove a store's files, manifest first (so no reader sees a half-deleted store as complete)."""
-    fsio.delete(fsio.join_url(store_url, MANIFEST_NAME), storage_options)
-    for url in (fsio.list_files(fsio.join_url(store_url, SHARDS_DIR), "", storage_options)
-                + fsio.list_files(store_url, ".parquet", storage_options)
-                + fsio.list_files(fsio.join_url(store_url, "errors"), "", storage_options)):
-        fsio.delete(url, storage_options)
-    fsio.delete(fsio.join_url(store_url, SETTINGS_NAME), storage_options)
+    @property
+    def version(self) -> int:
+        """The table version this writer last saw or committed (-1: no table yet)."""
+        return -1 if self._dt is None else self._dt.version()
 
+    @property
+    def rows(self) -> int:
+        """Doc ids in the version this writer last saw (or committed)."""
+        return len(self._ids)
 
-def prepare_store(store_url: str, settings: StoreSettings, *, overwrite: bool = False,
-                  storage_options: dict | None = None) -> dict[str, str]:
-    """Check settings against what the store holds; return the doc ids already committed -> their text's hash."""
-    existing = _stored_settings(store_url, storage_options)
-    if existing is not None and existing.differences(settings):
-        if not overwrite:
-            diffs = "; ".join(existing.differences(settings))
+    # ----- prepare ---------------------------------------------------------------------------------------------
+    def prepare(self, *, overwrite: bool = False) -> dict[str, str]:
+        """Check the store's settings against this run's; return the committed {doc_id: text_sha256}.
+
+        A store that does not exist yet is created by the first commit (its version 0 holds the first rows), so a
+        run that dies before committing leaves no table at all."""
+        dl = _deltalake()
+        try:
+            dt = dl.DeltaTable(self._uri, storage_options=self._opts)
+        except dl.exceptions.TableNotFoundError:
+            if fsio.exists(fsio.join_url(self.url, OLD_MANIFEST), self.storage_options):
+                if not overwrite:
+                    refuse_missing_table(self.url, self.storage_options)  # raises OldLayoutError
+                _clear_old_layout(self.url, self.storage_options)
+            self._dt, self._ids = None, {}
+            return {}
+        stored = parse_description(self.url, dt.metadata().description)
+        diffs = stored.settings.differences(self.settings)
+        if diffs and not overwrite:
             raise StoreMismatchError(
-                f"{store_url} holds memories made with other settings ({diffs}). Use another store URL, or pass "
-                "--overwrite to delete it and re-encode.")
-        clear_store(store_url, storage_options)
-    fsio.write_json_atomic(fsio.join_url(store_url, SETTINGS_NAME), settings.model_dump(), storage_options)
-    ids: dict[str, str] = {}
-    for _, table in _read_shard_columns(store_url, ["doc_id", "text_sha256"], storage_options):
-        ids.update(zip(table.column("doc_id").to_pylist(), table.column("text_sha256").to_pylist()))
-    return ids
+                f"{self.url} holds memories made with other settings ({'; '.join(diffs)}). Use another store "
+                "URL, or pass --overwrite to commit a new version that replaces them (older versions stay "
+                "readable until vacuumed).")
+        if diffs:
+            dl.DeltaTable.create(self._uri, DATA_SCHEMA, mode="overwrite", name=TABLE_NAME,
+                                 description=self._table_info().to_description(), storage_options=self._opts)
+            dt = dl.DeltaTable(self._uri, storage_options=self._opts)
+        self._dt = dt
+        self._ids = self._load_ids(self._files())
+        return {d: sha for d, (_, sha) in self._ids.items()}
+
+    def _table_info(self) -> TableInfo:
+        return TableInfo(package_version=kalm_batch.__version__, created_at=now(), settings=self.settings,
+                         codec=codec_info(self.settings.dtype, self.level))
+
+    def _files(self) -> list[str]:
+        return self._dt.get_add_actions(flatten=True).column("path").to_pylist()
+
+    def _load_ids(self, files: list[str]) -> dict[str, tuple[str, str]]:
+        ids: dict[str, tuple[str, str]] = {}
+        for file, index in read_indexes(self.url, files, self.storage_options).items():
+            if isinstance(index, Exception):  # no index: read the small columns of the data file itself
+                index = read_data_file(self.url, file, ["doc_id", "text_sha256"], self.storage_options)
+            for d, sha in zip(index.column("doc_id").to_pylist(), index.column("text_sha256").to_pylist()):
+                ids[d] = (file, sha or "")
+        return ids
+
+    # ----- write and report --------------------------------------------------------------------------------------
+    def write(self, table: pa.Table) -> dict:
+        """Write one data file (+ index) from this process; see ``write_data_file`` for writing from workers."""
+        return write_data_file(self.url, table, self.storage_options)
+
+    def record_errors(self, rejected: Sequence[dict], changed: Sequence[dict] = ()) -> str:
+        """This run's rejected rows (and stale, not refreshed ones) as JSON lines; the next commit names the folder.
+        Returns the URL of ``rejected.jsonl``."""
+        folder = fsio.join_url(self.url, ERRORS_DIR, f"run-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}")
+        for name, rows in (("rejected.jsonl", rejected), ("changed.jsonl", changed)):
+            data = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+            fsio.write_bytes_atomic(fsio.join_url(folder, name), data.encode("utf-8", "surrogatepass"),
+                                    self.storage_options)
+        self.errors_url = folder
+        return fsio.join_url(folder, "rejected.jsonl")
+
+    # ----- commit ------------------------------------------------------------------------------------------------
+    def commit(self, files: Sequence[dict], *, delete_ids: Iterable[str] = (), operation: str = "encode",
+               stats: dict | None = None) -> CommitResult | None:
+        """One table version adding ``files`` (from ``write_data_file``), replacing the ids they hold that the table
+        already holds, and deleting ``delete_ids``. Returns None (and commits nothing) if there is nothing to do."""
+        adds, new_ids = self._new_files(list(files))
+        replaced = {d for d in new_ids if d in self._ids}
+        deleted = {d for d in delete_ids if d in self._ids and d not in new_ids}
+        removes, rewritten = self._rewrite_without(replaced | deleted)
+        adds += rewritten
+        if not adds and not removes:
+            return None
+        meta = {"kalm.rows_added": str(len(new_ids)), "kalm.rows_removed": str(len(replaced) + len(deleted)),
+                "kalm.new": str(len(new_ids - replaced)), "kalm.refreshed": str(len(replaced)),
+                "kalm.deleted": str(len(deleted))}
+        if stats:
+            meta["kalm.stats"] = json.dumps(stats, sort_keys=True, default=str)
+        self.commit_files(adds, removes, operation=operation, meta=meta)
+        self._apply(adds, rewritten, replaced | deleted)
+        return CommitResult(version=self.version, new=len(new_ids - replaced), refreshed=len(replaced),
+                            deleted=len(deleted), files_added=len(adds), files_removed=len(removes))
+
+    def commit_files(self, adds: Sequence[dict], removes: Sequence[str], *, operation: str, meta: dict | None = None,
+                     data_change: bool = True) -> int:
+        """The low-level commit: one version adding and removing whole files, on top of the version last seen."""
+        from deltalake.transaction import AddAction, CommitProperties, RemoveAction
+
+        ts = int(time.time() * 1000)
+        actions = [AddAction(a["path"], a["size"], {}, ts, data_change, json.dumps({"numRecords": a["rows"]}))
+                   for a in adds] + [RemoveAction(r, data_change, ts) for r in removes]
+        meta = {"kalm.operation": operation, **(meta or {})}
+        if self.errors_url:
+            meta["kalm.errors"] = self.errors_url
+        base = self.version
+        props = CommitProperties(custom_metadata=meta, max_commit_retries=0)
+        try:
+            if self._dt is None:  # the first commit creates the table, with the settings in its metadata
+                from deltalake.transaction import create_table_with_add_actions
+
+                schema = _deltalake().Schema.from_arrow(DATA_SCHEMA)
+                create_table_with_add_actions(self._uri, schema, actions, mode="error", name=TABLE_NAME,
+                                              description=self._table_info().to_description(),
+                                              storage_options=self._opts, commit_properties=props)
+            else:
+                self._dt.create_write_transaction(actions, "append", DATA_SCHEMA, commit_properties=props)
+        except Exception as e:  # delta-rs: CommitFailedError, or a DeltaError "table exists" on create
+            if not isinstance(e, _deltalake().exceptions.CommitFailedError) and "exist" not in str(e).lower():
+                raise
+            raise ConcurrentWriterError(
+                f"another writer committed version {base + 1} of {self.url} while this run was writing (this run's "
+                f"commit on top of version {base} was refused; nothing of it is visible). Run one writer per store "
+                "at a time; re-running the same command resumes from the latest version.") from e
+        self._dt = _deltalake().DeltaTable(self._uri, version=base + 1, storage_options=self._opts)
+        if operation == "compact":
+            self._ids = self._load_ids(self._files())
+        return base + 1
+
+    def _new_files(self, files: list[dict]) -> tuple[list[dict], set[str]]:
+        """The files to add and the ids they hold; a doc id in two new files is kept in the first only."""
+        indexes = read_indexes(self.url, [f["path"] for f in files], self.storage_options)
+        seen: set[str] = set()
+        out = []
+        for f in files:
+            index = indexes[f["path"]]
+            if isinstance(index, Exception):
+                raise StoreError(f"{self.url}: the index of new data file {f['path']} cannot be read ({index}); "
+                                 "nothing was committed - re-run the command") from index
+            ids = index.column("doc_id").to_pylist()
+            dup = {d for d in ids if d in seen}
+            if dup or len(set(ids)) != len(ids):
+                f = self._rewrite_file(f["path"], dup)
+                ids = [] if f is None else read_indexes(self.url, [f["path"]], self.storage_options)[
+                    f["path"]].column("doc_id").to_pylist()
+            if f is not None:
+                f["ids"] = ids
+                out.append(f)
+                seen.update(ids)
+        return out, seen
+
+    def _rewrite_file(self, file: str, drop: set[str]) -> dict | None:
+        """A new data file holding ``file``'s rows minus ``drop`` and minus repeats of an id (None if none is left)."""
+        table = read_data_file(self.url, file, None, self.storage_options)
+        keep, kept = [], set()
+        for i, d in enumerate(table.column("doc_id").to_pylist()):
+            if d not in drop and d not in kept:
+                kept.add(d)
+                keep.append(i)
+        if not keep:
+            return None
+        return write_data_file(self.url, as_data_table(table.take(pa.array(keep, pa.int64()))), self.storage_options)
+
+    def _rewrite_without(self, drop: set[str]) -> tuple[list[str], list[dict]]:
+        """Files of the current version holding any of ``drop`` -> (their paths to remove, their rewrites to add)."""
+        by_file: dict[str, set[str]] = {}
+        for d in drop:
+            by_file.setdefault(self._ids[d][0], set()).add(d)
+        rewritten = []
+        for file, ids in sorted(by_file.items()):
+            info = self._rewrite_file(file, ids)
+            if info is not None:
+                info["ids"] = None  # same ids as before, minus ``ids``
+                info["from"] = file
+                rewritten.append(info)
+        return sorted(by_file), rewritten
+
+    def _apply(self, adds: list[dict], rewritten: list[dict], dropped: set[str]) -> None:
+        moved = {r["from"]: r["path"] for r in rewritten}
+        for d in dropped:
+            self._ids.pop(d, None)
+        if moved:
+            for d, (file, sha) in list(self._ids.items()):
+                if file in moved:
+                    self._ids[d] = (moved[file], sha)
+        new = [a for a in adds if a.get("ids") is not None]
+        for file, index in read_indexes(self.url, [a["path"] for a in new], self.storage_options).items():
+            for d, sha in zip(index.column("doc_id").to_pylist(), index.column("text_sha256").to_pylist()):
+                self._ids[d] = (file, sha or "")
 
 
-def _shard_urls(store_url: str, storage_options) -> list[str]:
-    return fsio.list_files(fsio.join_url(store_url, SHARDS_DIR), ".parquet", storage_options)
-
-
-def _read_columns(url: str, columns: list[str], storage_options) -> pa.Table:
-    with fsio.open_input(url, storage_options) as f:
-        return pq.read_table(f, columns=columns)
-
-
-def _read_shard_columns(store_url: str, columns: list[str], storage_options) -> list[tuple[str, pa.Table]]:
-    urls = _shard_urls(store_url, storage_options)
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        tables = list(pool.map(lambda u: _read_columns(u, columns, storage_options), urls))
-    return [(u.rsplit("/", 1)[-1], t) for u, t in zip(urls, tables)]
-
-
-def _shard_info(store_url: str, name: str, storage_options) -> ShardInfo:
-    data = fsio.read_bytes(fsio.join_url(store_url, SHARDS_DIR, name), storage_options)
-    rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
-    return ShardInfo(name=name, rows=rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-
-
-def _drop_rows(store_url: str, name: str, drop: set[str], storage_options) -> ShardInfo | None:
-    """Rewrite a shard without the rows whose doc ids another shard already holds (and repeats within it)."""
-    url = fsio.join_url(store_url, SHARDS_DIR, name)
-    table = _read_columns(url, SHARD_SCHEMA.names, storage_options)
-    keep, kept = [], set()
-    for i, d in enumerate(table.column("doc_id").to_pylist()):
-        if d not in drop and d not in kept:
-            kept.add(d)
-            keep.append(i)
-    info = write_shard(store_url, table.take(keep), storage_options) if keep else None
-    if info is None or info.name != name:
-        fsio.delete(url, storage_options)
-    return info
-
-
-def _dedupe_shards(store_url: str, storage_options) -> list[tuple[str, pa.Table]]:
-    """Exactly once: the first shard (by name) holding a doc id keeps it; later copies are removed."""
-    cols = ["doc_id", "n_tokens", "n_vectors", "nbytes"]
-    shards = _read_shard_columns(store_url, cols, storage_options)
-    seen: set[str] = set()
-    changed = False
-    for name, table in shards:
-        ids = table.column("doc_id").to_pylist()
-        dup = {d for d in ids if d in seen}
-        seen.update(ids)
-        if dup or len(set(ids)) != len(ids):
-            _drop_rows(store_url, name, dup, storage_options)
-            changed = True
-    return _read_shard_columns(store_url, cols, storage_options) if changed else shards
-
-
-def _write_index(store_url: str, shards: list[tuple[str, pa.Table]], storage_options) -> ShardInfo:
-    ids, shard_idx, rows = [], [], []
-    for i, (_, table) in enumerate(shards):
-        col = table.column("doc_id").to_pylist()
-        ids += col
-        shard_idx += [i] * len(col)
-        rows += range(len(col))
-    index = pa.table({"doc_id": ids, "shard": pa.array(shard_idx, pa.int32()), "row": pa.array(rows, pa.int32())})
-    index = index.sort_by("doc_id")
-    data = _table_bytes(index, 1 << 16)
-    name = f"index-{hashlib.sha256(data).hexdigest()[:16]}.parquet"
-    fsio.write_bytes_atomic(fsio.join_url(store_url, name), data, storage_options)
-    return ShardInfo(name=name, rows=index.num_rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-
-
-def finalize_store(store_url: str, settings: StoreSettings, *, level: int, new_shards: Sequence[ShardInfo] = (),
-                   input_stats: dict | None = None, storage_options: dict | None = None) -> Manifest:
-    """Build the index and commit the manifest (last). Safe to call again after a crash."""
-    previous = None
-    if fsio.exists(fsio.join_url(store_url, MANIFEST_NAME), storage_options):
-        previous = load_manifest(store_url, storage_options)
-    shards = _dedupe_shards(store_url, storage_options)
-    known = {s.name: s for s in (previous.shards if previous else [])}
-    known.update({s.name: s for s in new_shards})
-    infos = [known[n] if n in known and known[n].rows == t.num_rows else _shard_info(store_url, n, storage_options)
-             for n, t in shards]
-    index = _write_index(store_url, shards, storage_options)
-    created = previous.created_at if previous else now()
-    manifest = Manifest(
-        package_version=kalm_batch.__version__, created_at=created, updated_at=now(), settings=settings,
-        codec={"name": "int8-absmax+zstd" if settings.dtype == "int8" else "byteplane+zstd", "level": level},
-        rows=sum(t.num_rows for _, t in shards),
-        tokens=sum(pc.sum(t.column("n_tokens")).as_py() or 0 for _, t in shards),
-        vectors=sum(pc.sum(t.column("n_vectors")).as_py() or 0 for _, t in shards),
-        memory_bytes=sum(pc.sum(t.column("nbytes")).as_py() or 0 for _, t in shards),
-        shard_bytes=sum(s.bytes for s in infos), shards=infos, index=index, input=input_stats or {},
-    )
-    fsio.write_json_atomic(fsio.join_url(store_url, MANIFEST_NAME), manifest.model_dump(), storage_options)
-    for url in fsio.list_files(store_url, ".parquet", storage_options):
-        if url.rsplit("/", 1)[-1].startswith("index-") and not url.endswith(index.name):
-            fsio.delete(url, storage_options)
-    return manifest
-
-
-def write_errors(store_url: str, rejected: Sequence[dict], storage_options: dict | None = None, *,
-                 name: str = ERRORS_FILE) -> str:
-    """The run's rejected (or, with ``name=CHANGED_FILE``, changed) input rows as JSON lines, replaced as a whole."""
-    url = fsio.join_url(store_url, name)
-    data = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rejected)
-    fsio.write_bytes_atomic(url, data.encode("utf-8", "surrogatepass"), storage_options)
-    return url
+def _clear_old_layout(url: str, storage_options) -> None:
+    """Remove a schema-version-1 store (manifest first, so no reader sees a half-deleted store as complete)."""
+    fsio.delete(fsio.join_url(url, OLD_MANIFEST), storage_options)
+    for url_ in (fsio.list_files(fsio.join_url(url, "shards"), "", storage_options)
+                 + fsio.list_files(url, ".parquet", storage_options)
+                 + fsio.list_files(fsio.join_url(url, "errors"), "", storage_options)):
+        fsio.delete(url_, storage_options)
+    fsio.delete(fsio.join_url(url, "_settings.json"), storage_options)
 
 
 def settings_for(reranker, *, dtype: str, text_join: str) -> StoreSettings:
@@ -240,28 +315,33 @@ def settings_for(reranker, *, dtype: str, text_join: str) -> StoreSettings:
 
 
 def build_store(store_url: str, reranker, docs, *, dtype: str = "bfloat16", level: int = 3, shard_rows: int = 1024,
-                text_join: str = "as_given", overwrite: bool = False,
-                storage_options: dict | None = None) -> Manifest:
-    """Encode ``docs`` ({id: text} or [(id, text)]) in this process and write a complete store (no Ray).
+                text_join: str = "as_given", overwrite: bool = False, refresh: bool = True,
+                delete_missing: bool = False, storage_options: dict | None = None) -> CommitResult | None:
+    """Encode ``docs`` ({id: text} or [(id, text)]) in this process and commit them as one table version (no Ray).
 
-    The pooling ratio is the reranker's ``chunk_size``. Same protocol as the Ray encode job, for tests and small stores.
+    Same protocol as the Ray encode job (refresh by default; unchanged ids are not re-encoded), for tests and small
+    stores. The pooling ratio is the reranker's ``chunk_size``. Returns the commit (None if nothing changed).
     """
     items = list(docs.items()) if isinstance(docs, dict) else list(docs)
-    settings = settings_for(reranker, dtype=dtype, text_join=text_join)
-    done = prepare_store(store_url, settings, overwrite=overwrite, storage_options=storage_options)
-    todo, seen = [], set(done)
+    writer = StoreWriter(store_url, settings_for(reranker, dtype=dtype, text_join=text_join), level=level,
+                         storage_options=storage_options)
+    committed = writer.prepare(overwrite=overwrite)
+    todo, seen = [], set()
     for line, (doc_id, text) in enumerate(items):
-        if doc_id not in seen:
-            seen.add(doc_id)
-            todo.append((doc_id, text, line))
-    new = []
+        if doc_id in seen:
+            continue
+        seen.add(doc_id)
+        sha = text_hash(text)
+        if doc_id not in committed or (refresh and committed[doc_id] != sha):
+            todo.append((doc_id, text, sha, line))
+    files = []
     for start in range(0, len(todo), shard_rows):
         chunk = todo[start:start + shard_rows]
-        memories = reranker.encode([t for _, t, _ in chunk])
-        table = memory_table([d for d, _, _ in chunk], memories, [text_hash(t) for _, t, _ in chunk],
-                             ["<in-process>"] * len(chunk), [ln for _, _, ln in chunk], dtype, level)
-        new.append(write_shard(store_url, table, storage_options))
-    stats = {"description": "build_store (in-process)", "input_rows": len(items), "stored_new": len(todo),
-             "skipped_existing": len(items) - len(todo)}
-    return finalize_store(store_url, settings, level=level, new_shards=new, input_stats=stats,
-                          storage_options=storage_options)
+        memories = reranker.encode([t for _, t, _, _ in chunk])
+        table = memory_table([d for d, *_ in chunk], memories, [s for _, _, s, _ in chunk],
+                             ["<in-process>"] * len(chunk), [ln for *_, ln in chunk], dtype, level)
+        files.append(writer.write(table))
+    missing = [d for d in committed if d not in seen] if delete_missing else []
+    return writer.commit(files, delete_ids=missing, operation="build_store",
+                         stats={"input_rows": len(items), "encoded": len(todo)})
+
