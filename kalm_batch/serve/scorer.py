@@ -35,8 +35,8 @@ from ray import serve
 from kalm_batch.batching import round_up, token_budget_batches
 from kalm_batch.prompts import document_text
 from kalm_batch.reranker import KaLMReranker, Memory, Scores
-from kalm_batch.serve.schemas import BatchingConfig, ErrorInfo, ScoreJob, ScoreOutcome, ServeConfig
 from kalm_batch.serve.follow import StoreFollower
+from kalm_batch.serve.schemas import BatchingConfig, ErrorInfo, ScoreJob, ScoreOutcome, ServeConfig
 from kalm_batch.store import check_compatible, open_store
 from kalm_batch.textlimits import tokenize_prefix
 
