@@ -249,8 +249,11 @@ def test_a_killed_replica_gives_503_with_retry_after_and_a_retry_succeeds(apps):
         assert health.status_code == 503 and health.headers["retry-after"] == "2", health.text
         statuses = []
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # a client that honours Retry-After gets through once Serve restarts it
-            resp = c.post("/v2/rerank", json=body)
+        # a client that honours Retry-After gets through once Serve restarts the replica; a request sent while no
+        # replica exists waits in Serve's handle queue (bounded by max_queued_requests) until one is up, which on a
+        # loaded host took over 60 s, hence the long read timeout here
+        while time.monotonic() < deadline:
+            resp = c.post("/v2/rerank", json=body, timeout=240)
             statuses.append(resp.status_code)
             if resp.status_code == 200:
                 break
