@@ -71,6 +71,55 @@ def actor_resources(gpus_per_worker: float | None, workers: int) -> dict:
     return {"num_cpus": round(share, 2)}
 
 
+CPUS_PER_CPU_ACTOR = 8  # on a CPU-only cluster, one scoring/encoding actor per this many CPUs (torch threads)
+
+
+def parse_workers(spec: int | str) -> tuple[int, int] | None:
+    """``--workers``: ``auto`` -> None (sized to the cluster), ``N`` -> (N, N), ``MIN:MAX`` -> a growing pool."""
+    text = str(spec).strip().lower()
+    if text == "auto":
+        return None
+    low, sep, high = text.partition(":")
+    try:
+        sizes = (int(low), int(high) if sep else int(low))
+    except ValueError:
+        raise ValueError(f"--workers {spec!r}: write 'auto', a number of actors (e.g. 4) or MIN:MAX (e.g. 1:8, a pool "
+                         "that grows with an autoscaling cluster)") from None
+    if sizes[0] < 1 or sizes[1] < sizes[0]:
+        raise ValueError(f"--workers {spec!r}: need 1 <= MIN <= MAX")
+    return sizes
+
+
+def auto_workers(gpus_per_worker: float | None = None) -> int:
+    """One actor per GPU (per ``gpus_per_worker`` GPUs) where the cluster has GPUs, else one per
+    CPUS_PER_CPU_ACTOR CPUs; at least 1."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = float(resources.get("GPU", 0.0))
+    if gpus and gpus_per_worker != 0:
+        return max(1, int(gpus // (gpus_per_worker or 1.0)))
+    return max(1, int(float(resources.get("CPU", 1.0)) // CPUS_PER_CPU_ACTOR))
+
+
+def worker_pool(spec: int | str, gpus_per_worker: float | None = None) -> tuple[object, dict, tuple[int, int]]:
+    """(Ray Data ActorPoolStrategy, per-actor resources, (min, max) actors) for ``--workers`` (both jobs use this).
+
+    ``auto`` sizes a fixed pool to the cluster as it is now (auto_workers); ``MIN:MAX`` gives a pool that Ray Data
+    grows up to MAX actors as an autoscaling cluster adds nodes.
+    """
+    import ray
+
+    sizes = parse_workers(spec)
+    if sizes is None:
+        n = auto_workers(gpus_per_worker)
+        sizes = (n, n)
+    low, high = sizes
+    strategy = (ray.data.ActorPoolStrategy(size=low) if low == high
+                else ray.data.ActorPoolStrategy(min_size=low, max_size=high))
+    return strategy, actor_resources(gpus_per_worker, high), sizes
+
+
 def process_peak_rss_mb() -> float:
     """This process's peak resident memory (VmHWM; unlike ru_maxrss it is not inherited across fork+exec)."""
     try:

@@ -18,11 +18,12 @@ _EXPORTS = {
     "StoreReader": "kalm_batch.store.reader",
     "open_store": "kalm_batch.store.reader",
     "build_store": "kalm_batch.store.writer",
+    "check_compatible": "kalm_batch.store.compat",
 }
 
 __all__ = [
     "FetchResult", "IncompleteStoreError", "Manifest", "StoreError", "StoreMismatchError", "StoreReader",
-    "StoreSettings", "build_store", "load_manifest", "open_store",
+    "StoreSettings", "build_store", "check_compatible", "load_manifest", "open_store",
 ]
 
 

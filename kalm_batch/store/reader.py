@@ -114,6 +114,59 @@ class StoreReader:
         loc = self._index.get(doc_id)
         return None if loc is None else loc[0]
 
+    # ----- SHIM (issue 12): the settled reading API on today's layout; issue 11's Delta reader replaces it --------
+    version = 0  # today's layout has no table versions: every store reads as version 0
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest.dtype
+
+    @property
+    def codec(self) -> str:
+        return str(self.manifest.codec.get("name", "zstd"))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.manifest.hidden_size
+
+    @property
+    def fingerprint(self) -> dict:
+        return dict(self.manifest.fingerprint)
+
+    def check_ratio(self, r: int | None) -> int:
+        return self._check_ratio(r)
+
+    def file_of(self, doc_id: str) -> str | None:
+        """Relative path of the data file holding ``doc_id`` (SHIM: a shard under ``shards/``)."""
+        shard = self.shard_of(doc_id)
+        return None if shard is None else f"{SHARDS_DIR}/{self._shards[shard]}"
+
+    def index_files(self) -> list[str]:
+        """URLs of Parquet files with columns ``doc_id``, ``file`` (each doc once) for this version.
+
+        SHIM: derived from today's index and written once (idempotent, named by the index's hash) under
+        ``STORE/_shim_index/``; issue 11's reader serves its own table's index files instead.
+        """
+        import io
+
+        import pyarrow as pa
+
+        url = fsio.join_url(self.url, "_shim_index", f"doc-file-{self.manifest.index.sha256[:16]}.parquet")
+        if not fsio.exists(url, self.storage_options):
+            docs = list(self._index)
+            files = [f"{SHARDS_DIR}/{self._shards[self._index[d][0]]}" for d in docs]
+            buf = io.BytesIO()
+            pq.write_table(pa.table({"doc_id": pa.array(docs, pa.string()), "file": pa.array(files, pa.string())}),
+                           buf, compression="zstd")
+            fsio.write_bytes_atomic(url, buf.getvalue(), self.storage_options)
+        return [url]
+
+    def summary(self) -> dict:
+        return {"url": self.url, "version": self.version, "ratio": self.ratio, "dtype": self.dtype,
+                "codec": self.codec, "model_id": self.fingerprint.get("model_id"), "fingerprint": self.fingerprint,
+                "rows": len(self), "vectors": self.manifest.vectors}
+    # ----- end of SHIM -------------------------------------------------------------------------------------------
+
     def cache_info(self) -> dict:
         c = self._cache
         return {"hits": c.hits, "misses": c.misses, "bytes": c.bytes, "entries": len(c._items),
@@ -208,5 +261,10 @@ class StoreReader:
         return {"records_ok": ok, "records_corrupt": len(bad), "corrupt": bad}
 
 
-def open_store(url: str, *, storage_options: dict | None = None, cache_bytes: int = 256 * 2**20) -> StoreReader:
+def open_store(url: str, *, version: int | None = None, storage_options: dict | None = None,
+               cache_bytes: int = 256 * 2**20) -> StoreReader:
+    if version not in (None, 0):  # SHIM (issue 12): today's layout has only version 0
+        from kalm_batch.store.manifest import StoreError
+
+        raise StoreError(f"store {url} has no version {version}; this store layout only has version 0")
     return StoreReader(url, storage_options=storage_options, cache_bytes=cache_bytes)
