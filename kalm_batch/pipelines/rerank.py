@@ -211,7 +211,7 @@ def build_records_pipeline(cfg: RerankConfig, files: dict, *, top_k: int, partit
                                              fn_kwargs={"top_k": top_k, "partitions": partitions}, **remote)
     fs, _ = fsio.fs_for_pyarrow(index_urls[0], cfg.storage_options)
     paths = [fsio.fs_for_pyarrow(u, cfg.storage_options)[1] for u in index_urls]
-    index = ray.data.read_parquet(paths, filesystem=fs, columns=["doc_id", "file"], **remote)
+    index = ray.data.read_parquet(paths, filesystem=fs, **remote).select_columns(["doc_id", "file"])
     return records.join(index, join_type="left_outer", on=("doc_id",), num_partitions=shuffle)
 
 
