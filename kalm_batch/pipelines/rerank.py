@@ -69,7 +69,7 @@ class RerankConfig(BaseModel):
     merge_limit: int = Field(5_000_000, ge=0, description="also merge the run parts into OUT/run.trec when the run "
                              "has at most this many lines")
     address: str | None = Field(None, description="Ray address: unset/'local' starts a local Ray, 'auto' joins one")
-    workers: str = Field("auto", description="scoring actors: auto (one per GPU, else one per 8 CPUs), N, or MIN:MAX "
+    workers: int | str = Field("auto", description="scoring actors: auto (one per GPU, else one per 8 CPUs), N, or MIN:MAX "
                          "(a pool that grows on an autoscaling cluster)")
     gpus_per_worker: float | None = Field(None, description="GPUs per scoring actor (default: 1 if the cluster has GPUs)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
