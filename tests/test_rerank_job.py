@@ -93,8 +93,8 @@ def data(tmp_path_factory, scorer):
 
 
 def _config(data, out, **kw) -> RerankConfig:
-    base = dict(model=kw.pop("model"), store=data["store"], queries=data["queries"], candidates=data["candidates"],
-                out=out, dtype="float32", num_cpus=2, workers="1", partitions=3)
+    base = {"model": kw.pop("model"), "store": data["store"], "queries": data["queries"], "candidates": data["candidates"],
+                "out": out, "dtype": "float32", "num_cpus": 2, "workers": "1", "partitions": 3}
     return RerankConfig(**{**base, **kw})
 
 
@@ -243,7 +243,7 @@ def test_cascade_with_a_corrupt_record(ray_session, data, scorer, tiny_model_dir
     shutil.copytree(data["root"] / "store", store_dir)
     scored, missing, no_query = _expected(data, 5)
     q = data["first_q"]
-    victim = sorted(d for qq, d in scored if qq == q)[0]
+    victim = min(d for qq, d in scored if qq == q)
     name = _corrupt_one_record(store_dir, victim)
     out = str(tmp_path / "cascade")
     summary = run_rerank(_config(data, out, model=str(tiny_model_dir), store=f"file://{store_dir}",
@@ -296,6 +296,7 @@ def test_s3_inputs_store_and_outputs(ray_session, s3_bucket, data, scorer, tiny_
     table = runfolder.read_scores(out)
     _assert_scores_match(table, _in_process(scorer, store, pairs, data["texts"], ratio=8))
     assert set(table.column("ratio").to_pylist()) == {8} and summary.stages[0]["ratio"] == 8
-    assert summary.pairs_scored == len(pairs) and summary.skipped_pairs == 0
+    not_stored = {(q, d) for q, d, _, _ in cands if d not in data["corpus"]}  # the first query's "no-such-doc"
+    assert summary.pairs_scored == len(pairs) and summary.skipped == {"doc_not_in_store": len(not_stored)}
     for name in ("run.trec", "summary.json", runfolder.COMMIT_MARKER):
         assert fsio.exists(fsio.join_url(out, name))

@@ -104,8 +104,8 @@ def test_store_of_another_model_is_refused_before_any_output(tiny_model_dir, tmp
     build_store(store, other, [("d1", "one"), ("d2", "two")], dtype="float32")
     (tmp_path / "q.tsv").write_text("q1\thello\n")
     (tmp_path / "c.trec").write_text("q1 Q0 d1 1 1.0 x\n")
-    cfg = dict(model=str(tiny_model_dir), store=store, queries=str(tmp_path / "q.tsv"),
-               candidates=str(tmp_path / "c.trec"), out=str(tmp_path / "out"))
+    cfg = {"model": str(tiny_model_dir), "store": store, "queries": str(tmp_path / "q.tsv"),
+               "candidates": str(tmp_path / "c.trec"), "out": str(tmp_path / "out")}
     from kalm_batch.pipelines.rerank import RerankConfig
 
     with pytest.raises(StoreMismatchError, match="weights_sha256") as err:

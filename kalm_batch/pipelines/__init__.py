@@ -25,6 +25,9 @@ _EXPORTS = {
     "worker_pool": "kalm_batch.pipelines.cluster",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [  # noqa: RUF022 (grouped by job)
+    "EncodeConfig", "EncodeSummary", "build_encode_pipeline", "run_encode", "RerankConfig", "RerankSummary",
+    "build_records_pipeline", "build_score_pipeline", "run_rerank", "worker_pool",
+]
 
 __getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

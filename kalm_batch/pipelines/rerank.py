@@ -102,6 +102,8 @@ class RerankSummary(BaseModel):
     score_wall_s: float = 0.0
     fetch_decode_s: float = Field(description="store read + decode + coarsen, summed over actors")
     score_s: float = Field(description="decoder scoring, summed over actors")
+    write_s: float = Field(0.0, description="writing the partitions' outputs, summed over actors")
+    commit_s: float = Field(0.0, description="adding up the counters, merging run.trec, summary and commit marker")
     fetch_decode_share: float = Field(description="fetch_decode_s / (fetch_decode_s + score_s)")
     queries_ranked: int
     problems: dict[str, int] = Field(description="bad or flagged inputs by kind (rows of problems/)")
@@ -114,7 +116,7 @@ class RerankSummary(BaseModel):
 
     def table(self) -> str:
         keys = ["input_pairs", "pairs_scored", "skipped_pairs", "skipped", "pairs_per_s", "wall_s", "prepare_s",
-                "score_wall_s", "fetch_decode_s", "score_s", "fetch_decode_share", "queries_ranked", "problems",
+                "score_wall_s", "fetch_decode_s", "score_s", "write_s", "commit_s", "fetch_decode_share", "queries_ranked", "problems",
                 "partitions"]
         width = max(map(len, keys))
         lines = [f"{k:<{width}}  {getattr(self, k)}" for k in keys]
@@ -176,10 +178,19 @@ def auto_partitions(files: list[str], storage_options: dict | None = None) -> in
     return max(1, math.ceil(total / AUTO_PARTITION_BYTES))
 
 
+def file_identity(url: str, storage_options: dict | None = None) -> str:
+    """Size and version stamp (ETag, else modification time) of an input file: a changed file is another plan."""
+    fs, path = fsio.url_to_fs(url, storage_options)
+    info = fs.info(path)
+    stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or info.get("created")
+    return f"{url} size={info.get('size')} stamp={stamp}"
+
+
 def make_plan(cfg: RerankConfig, reader, reranker, stages: list[Stage], files: dict, partitions: int) -> dict:
     """What the output folder is filled with; a resume must match it exactly (kalm_batch.pipelines.rerank_output)."""
     fp = reranker.fingerprint.to_dict()
-    plan = {"plan_version": PLAN_VERSION, "inputs": files,
+    inputs = {role: [file_identity(u, cfg.storage_options) for u in urls] for role, urls in files.items()}
+    plan = {"plan_version": PLAN_VERSION, "inputs": inputs,
             "model": {k: fp.get(k) for k in ("config_sha256", "tokenizer_sha256", "weights_sha256")},
             "store": {"url": reader.url, "version": reader.version},
             "stages": [[s.ratio, s.k] for s in stages], "partitions": partitions,
@@ -236,12 +247,12 @@ def build_score_pipeline(cfg: RerankConfig, parts: list[int], plan: dict, *, mea
     return items.map_batches(
         ScorePartitions, batch_size=1, compute=strategy,
         fn_constructor_args=(cfg.model, cfg.store, cfg.out),
-        fn_constructor_kwargs=dict(
-            stages=plan["stages"], store_version=plan["store"]["version"], plan_id=plan["plan_id"], tag=cfg.tag,
-            storage_options=cfg.storage_options, dtype=cfg.dtype, instruction=cfg.instruction,
-            batch_size=cfg.batch_size, query_max_length=cfg.query_max_length,
-            max_tokens_per_batch=cfg.max_tokens_per_batch, pairs_per_block=cfg.pairs_per_block,
-            cpu_threads=cfg.cpu_threads, measures=measures),
+        fn_constructor_kwargs={
+            "stages": plan["stages"], "store_version": plan["store"]["version"], "plan_id": plan["plan_id"], "tag": cfg.tag,
+            "storage_options": cfg.storage_options, "dtype": cfg.dtype, "instruction": cfg.instruction,
+            "batch_size": cfg.batch_size, "query_max_length": cfg.query_max_length,
+            "max_tokens_per_batch": cfg.max_tokens_per_batch, "pairs_per_block": cfg.pairs_per_block,
+            "cpu_threads": cfg.cpu_threads, "measures": measures},
         **resources, **stage_remote_args())
 
 
@@ -325,6 +336,7 @@ def _commit(cfg: RerankConfig, reader, plan: dict, prepared: dict, stages: list[
     from kalm_batch.pipelines.rerank_stages import add_counters
 
     so = cfg.storage_options
+    t_commit = time.perf_counter()
     parts = prepared["parts"]
     counters = O.read_done(cfg.out, parts, plan["plan_id"], so)
     total = add_counters(counters, stages, score_wall)
@@ -349,7 +361,7 @@ def _commit(cfg: RerankConfig, reader, plan: dict, prepared: dict, stages: list[
         wall_s=round(wall, 3), prepare_s=round(prepare_s, 3), score_wall_s=round(score_wall, 3),
         fetch_decode_s=round(fetch_s, 4), score_s=round(score_s, 4),
         fetch_decode_share=round(fetch_s / (fetch_s + score_s), 4) if fetch_s + score_s else 0.0,
-        partitions={"total": len(parts), "scored_now": scored_now, "already_committed": len(parts) - scored_now},
+        commit_s=round(time.perf_counter() - t_commit, 3), partitions={"total": len(parts), "scored_now": scored_now, "already_committed": len(parts) - scored_now},
         metrics=metrics["runs"] if metrics else None, metrics_table=metrics["table"] if metrics else None,
         outputs=outputs)
     record = {**summary.model_dump(), "config": cfg.model_dump(exclude={"storage_options"}), "plan": plan}

@@ -91,7 +91,7 @@ class ScorePartitions:
                  ("qid", "doc_id", "first_stage_rank", "first_stage_score")))}
         queries = dict(zip(found.column("qid").to_pylist(), found.column("query").to_pylist()))
         todo = list(zip(*(found.column(c).to_pylist() for c in ("qid", "doc_id", "file", "first_stage_rank"))))
-        files = dict(((q, d), f) for q, d, f, _ in todo)
+        files = {(q, d): f for q, d, f, _ in todo}
         per_stage, costs = [], []
         for number, (ratio, k) in enumerate(self.stages, start=1):
             if number > 1:
@@ -136,6 +136,7 @@ class ScorePartitions:
         from kalm_batch.querylog import write_trec_run
 
         so = self.storage_options
+        t_write = time.perf_counter()
         scores = _scores_table(ranking, first, [r for r, _ in self.stages])
         fsio.write_bytes_atomic(runfolder.part_url(self.out, "scores", part, ".parquet"), _parquet_bytes(scores), so)
         run_rows = [(q, p.scored.doc_id, p.rank, p.run_score) for q, placed in ranking.items() for p in placed]
@@ -154,7 +155,8 @@ class ScorePartitions:
         }
         if self.measures is not None:
             counters["metrics"] = self._metrics(records, first, ranking, per_stage)
-        counters.update(extra, busy_s=round(time.perf_counter() - t0, 4), finished=time.time())
+        now = time.perf_counter()
+        counters.update(extra, busy_s=round(now - t0, 4), write_s=round(now - t_write, 4), finished=time.time())
         fsio.write_json_atomic(runfolder.part_url(self.out, runfolder.DONE_DIR, part, ".json"), counters, so)
         return counters
 
@@ -192,8 +194,8 @@ def _skips_from_records(records: pa.Table) -> list[tuple]:
 
 
 def _missing(t: pa.Table, store_url: str) -> list[tuple]:
-    return [(q, d, "doc_not_in_store", f"candidate ({q!r}, {d!r}): doc_id {d!r} is not in store {store_url}; skipped "
-             "(encode it into the store to rerank it)", 1) for q, d in zip(t.column("qid").to_pylist(),
+    return [(q, d, "doc_not_in_store", (f"candidate ({q!r}, {d!r}): doc_id {d!r} is not in store {store_url}; skipped "
+             "(encode it into the store to rerank it)"), 1) for q, d in zip(t.column("qid").to_pylist(),
                                                                           t.column("doc_id").to_pylist())]
 
 

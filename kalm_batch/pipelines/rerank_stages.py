@@ -18,7 +18,6 @@ from collections import Counter, defaultdict
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from kalm_batch import fsio, runfolder
 from kalm_batch.pipelines.rerank_plan import PAIR, PROBLEM, QUERY, SKIP
@@ -163,5 +162,6 @@ def add_counters(counters: list[dict], stages, score_wall: float) -> dict:
             "skipped": dict(sorted(skipped.items())), "problems": dict(sorted(problems.items())),
             "queries_ranked": sum(c["queries_ranked"] for c in counters),
             "run_lines": sum(c["run_lines"] for c in counters), "actors": actor_rows, "metrics": dict(metrics),
+            "write_s": round(sum(c.get("write_s", 0.0) for c in counters), 4),
             "fetch_decode_s": sum(r.get("fetch_decode_s", 0.0) for r in stage_rows),
             "score_s": sum(r.get("score_s", 0.0) for r in stage_rows)}
