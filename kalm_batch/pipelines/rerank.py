@@ -201,8 +201,9 @@ def make_plan(cfg: RerankConfig, reader, reranker, stages: list[Stage], files: d
 
 # ----- the lazy pipelines ---------------------------------------------------------------------------------------
 def shuffle_partitions(partitions: int) -> int:
-    """Hash-shuffle width of the groupby/join stages: grows with the work (partitions), capped."""
-    return max(1, min(64, partitions))
+    """Hash-shuffle width of the groupby/join stages: grows with the work (one per 4 partitions, ~32 MiB of
+    candidate files), capped at 64."""
+    return max(1, min(64, math.ceil(partitions / 4)))
 
 
 def build_records_pipeline(cfg: RerankConfig, files: dict, *, top_k: int, partitions: int, index_urls: list[str]):
@@ -222,7 +223,8 @@ def build_records_pipeline(cfg: RerankConfig, files: dict, *, top_k: int, partit
                                              fn_kwargs={"top_k": top_k, "partitions": partitions}, **remote)
     fs, _ = fsio.fs_for_pyarrow(index_urls[0], cfg.storage_options)
     paths = [fsio.fs_for_pyarrow(u, cfg.storage_options)[1] for u in index_urls]
-    index = ray.data.read_parquet(paths, filesystem=fs, **remote).select_columns(["doc_id", "file"])
+    index = ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=len(paths), **remote).select_columns(
+        ["doc_id", "file"])  # one block per index file (Ray's default of 200 read tasks costs minutes on small stores)
     return records.join(index, join_type="left_outer", on=("doc_id",), num_partitions=shuffle)
 
 
