@@ -82,12 +82,16 @@ _RSS_SNIPPET = ("import atexit, sys; from kalm_batch.pipelines.cluster import pr
                 "from kalm_batch.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
-def _measure(argv: list[str]) -> tuple[float, float, str]:
-    """Run the job in a fresh driver process; (peak RSS MB of that process, wall s, last stdout lines)."""
-    t = time.perf_counter()
+def _measure(argv: list[str], attempts: int = 3) -> tuple[float, float, str]:
+    """Run the job in a fresh driver process; (peak RSS MB of that process, wall s, stdout). A run whose local Ray
+    did not start (a 30 s timeout inside Ray, hit on a loaded host) is retried."""
     cmd = [sys.executable, "-c", _RSS_SNIPPET, *argv[3:]]
-    proc = subprocess.run(cmd, env=_env(), cwd=str(REPO), capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t
+    for _ in range(attempts):
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, env=_env(), cwd=str(REPO), capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - t
+        if "timed out during startup" not in proc.stderr:
+            break
     if proc.returncode:
         raise SystemExit(f"job failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     rss = [float(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("DRIVER_PEAK_RSS_MB")]
@@ -97,15 +101,17 @@ def _measure(argv: list[str]) -> tuple[float, float, str]:
 def rss(args, work: Path, model: str, store: str, doc_ids: list[str]) -> list[str]:
     rows = ["| pairs | mode | driver peak RSS (MB) | wall (s) |", "|---|---|---|---|"]
     peaks = []
-    for n in args.pairs:
+    runs = ([(args.pairs[0], "dry-run")] if args.dry_first else []) + [
+        (n, "score" if n <= args.score_up_to else "dry-run") for n in args.pairs]
+    for n, mode in runs:
         queries, cands = _log(work, n, doc_ids)
-        mode = "score" if n <= args.score_up_to else "dry-run"
         flags = {"partitions": max(2, n // 20000)} | ({} if mode == "score" else {"dry_run": True})
         peak, wall, _ = _measure(_argv(model, store, queries, cands, str(work / f"out-{n}"), **flags))
         peaks.append(peak)
         rows.append(f"| {n:,} | {mode} | {peak:.0f} | {wall:.0f} |")
-    rows.append(f"\nlargest / smallest driver peak: {max(peaks[-1], peaks[0]) / min(peaks[-1], peaks[0]):.2f} x "
-                f"({peaks[-1]:.0f} MB at {args.pairs[-1]:,} pairs vs {peaks[0]:.0f} MB at {args.pairs[0]:,})")
+        print(rows[-1], file=sys.stderr, flush=True)
+    rows.append(f"\nlargest / smallest size, driver peak: {peaks[-1] / peaks[0]:.2f} x ({peaks[-1]:.0f} MB at "
+                f"{args.pairs[-1]:,} pairs vs {peaks[0]:.0f} MB at {args.pairs[0]:,}, {runs[0][1]})")
     return rows
 
 
@@ -148,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", choices=["rss", "resume"])
     parser.add_argument("--pairs", type=int, nargs="+", default=[20000, 200000, 2000000])
     parser.add_argument("--score-up-to", type=int, default=20000)
+    parser.add_argument("--dry-first", action="store_true", help="also a dry run of the smallest size, first")
     parser.add_argument("--partitions", type=int, default=12)
     parser.add_argument("--work-dir", default=None)
     args = parser.parse_args(argv)

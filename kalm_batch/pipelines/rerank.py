@@ -271,12 +271,13 @@ def run_rerank(cfg: RerankConfig) -> RerankSummary:
     files = input_files(cfg)
     partitions = cfg.partitions or auto_partitions(files["candidates"], cfg.storage_options)
     plan = make_plan(cfg, reader, reranker, stages, files, partitions)
+    if not cfg.dry_run:  # refuse a foreign --out before starting anything
+        O.claim_output(cfg.out, plan, overwrite=cfg.overwrite, storage_options=cfg.storage_options)
     init_ray(cfg.address, num_cpus=cfg.num_cpus)
     if cfg.dry_run:
         joined = build_records_pipeline(cfg, files, top_k=stages[0].k, partitions=partitions,
                                         index_urls=reader.index_files())
         return dry_run_report(cfg, joined, reader, stages, start)
-    O.claim_output(cfg.out, plan, overwrite=cfg.overwrite, storage_options=cfg.storage_options)
     prepared = _prepare(cfg, reader, files, stages, plan)
     prepare_s = time.perf_counter() - start
     committed = set(O.done_parts(cfg.out, cfg.storage_options))
