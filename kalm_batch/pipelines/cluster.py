@@ -43,12 +43,27 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         return
     forwarded = forwarded_env()
     if address in (None, "local"):  # the local workers inherit this process's environment
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
-                 configure_logging=False)
+        _start_local_ray(num_cpus or os.cpu_count())
     else:
         ray.init(address=address, runtime_env={"env_vars": forwarded} if forwarded else None, configure_logging=False)
     _CLUSTER_ENV = forwarded
     log.info("ray resources: %s", ray.cluster_resources())
+
+
+def _start_local_ray(num_cpus: int, attempts: int = 3) -> None:
+    """Start a local Ray; retried when Ray's own start-up check (a fixed 30 s wait for the raylet) times out, which
+    happens on an overloaded host."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
+            return
+        except Exception as e:  # Ray raises a bare Exception for this case
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            log.warning("local Ray did not start in time (attempt %d of %d); retrying: %s", attempt, attempts, e)
+            ray.shutdown()
 
 
 def cluster_gpus() -> float:
