@@ -108,9 +108,10 @@ def _rerank(ns) -> int:
 
 
 def _eval(ns) -> int:
-    from kalm_batch.metrics import eval_files, format_table
+    from kalm_batch.metrics import format_table
+    from kalm_batch.pipelines.rerank import run_eval
 
-    result = eval_files(ns.run, ns.qrels)
+    result = run_eval(ns.run, ns.qrels)
     print(format_table({ns.run: result}))
     return 0
 
@@ -211,7 +212,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s.set_defaults(fn=_rerank)
 
     s = sub.add_parser("eval", help="nDCG@10 / RR@10 / R@100 of a TREC run (ir-measures)")
-    s.add_argument("--run", required=True)
+    s.add_argument("--run", required=True, help="a TREC run file, or a committed rerank output folder (its run.trec)")
     s.add_argument("--qrels", required=True)
     s.set_defaults(fn=_eval)
 
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from kalm_batch.store.errors import StoreError
 
-    try:
+    try:  # (ValueError covers InputError, CascadeError, UncommittedOutputError and OutputInUseError)
         return ns.fn(ns)
     except (ValueError, TypeError, StoreError, OSError) as e:
         if ns.verbose:

@@ -106,3 +106,30 @@ def eval_files(
 ) -> dict[str, float]:
     """Evaluate a TREC run file against a qrels file (BEIR TSV or TREC format)."""
     return evaluate_run(read_run(run_url, storage_options), read_qrels(qrels_url, storage_options), measures)
+
+
+def per_query_sums(run: Run, qrels: Qrels, measures: Sequence[str] = DEFAULT_MEASURES) -> dict[str, float]:
+    """Sums of per-query measure values over the judged queries of ``qrels`` (a judged query the run lacks adds 0),
+    plus ``"n_queries"``: the parts that ``mean_of_sums`` turns into ``evaluate_run``'s result. Lets workers compute
+    metrics for their own queries; the driver only adds the sums."""
+    by_measure = _parse_measures(measures)
+    judged = {qid: {doc: int(rel) for doc, rel in docs.items()} for qid, docs in qrels.items() if docs}
+    sums = dict.fromkeys(by_measure.values(), 0.0)
+    sub_run = {qid: {doc: float(s) for doc, s in run[qid].items()} for qid in judged if run.get(qid)}
+    if sub_run:
+        for metric in ir_measures.iter_calc(list(by_measure), judged, sub_run):
+            if metric.query_id in sub_run:
+                sums[by_measure[metric.measure]] += float(metric.value)
+    sums["n_queries"] = len(judged)
+    return sums
+
+
+def mean_of_sums(parts: Sequence[dict[str, float]], measures: Sequence[str] = DEFAULT_MEASURES) -> dict[str, float]:
+    """Add ``per_query_sums`` of disjoint query sets and divide by the judged queries: equal to ``evaluate_run`` over
+    the union. Raises ValueError when no query is judged."""
+    n = sum(int(p.get("n_queries", 0)) for p in parts)
+    if not n:
+        raise ValueError("no judged query: the qrels hold no judgement for any query; pass the evaluated queries' qrels")
+    result = {m: sum(p.get(m, 0.0) for p in parts) / n for m in measures}
+    result["n_queries"] = n
+    return result

@@ -43,12 +43,27 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         return
     forwarded = forwarded_env()
     if address in (None, "local"):  # the local workers inherit this process's environment
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
-                 configure_logging=False)
+        _start_local_ray(num_cpus or os.cpu_count())
     else:
         ray.init(address=address, runtime_env={"env_vars": forwarded} if forwarded else None, configure_logging=False)
     _CLUSTER_ENV = forwarded
     log.info("ray resources: %s", ray.cluster_resources())
+
+
+def _start_local_ray(num_cpus: int, attempts: int = 3) -> None:
+    """Start a local Ray; retried when Ray's own start-up check (a fixed 30 s wait for the raylet) times out, which
+    happens on an overloaded host."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
+            return
+        except Exception as e:  # Ray raises a bare Exception for this case
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            log.warning("local Ray did not start in time (attempt %d of %d); retrying: %s", attempt, attempts, e)
+            ray.shutdown()
 
 
 def cluster_gpus() -> float:
@@ -69,6 +84,55 @@ def actor_resources(gpus_per_worker: float | None, workers: int) -> dict:
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     share = max(0.1, min(1.0, (cpus * 0.5) / max(1, workers)))
     return {"num_cpus": round(share, 2)}
+
+
+CPUS_PER_CPU_ACTOR = 8  # on a CPU-only cluster, one scoring/encoding actor per this many CPUs (torch threads)
+
+
+def parse_workers(spec: int | str) -> tuple[int, int] | None:
+    """``--workers``: ``auto`` -> None (sized to the cluster), ``N`` -> (N, N), ``MIN:MAX`` -> a growing pool."""
+    text = str(spec).strip().lower()
+    if text == "auto":
+        return None
+    low, sep, high = text.partition(":")
+    try:
+        sizes = (int(low), int(high) if sep else int(low))
+    except ValueError:
+        raise ValueError(f"--workers {spec!r}: write 'auto', a number of actors (e.g. 4) or MIN:MAX (e.g. 1:8, a pool "
+                         "that grows with an autoscaling cluster)") from None
+    if sizes[0] < 1 or sizes[1] < sizes[0]:
+        raise ValueError(f"--workers {spec!r}: need 1 <= MIN <= MAX")
+    return sizes
+
+
+def auto_workers(gpus_per_worker: float | None = None) -> int:
+    """One actor per GPU (per ``gpus_per_worker`` GPUs) where the cluster has GPUs, else one per
+    CPUS_PER_CPU_ACTOR CPUs; at least 1."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = float(resources.get("GPU", 0.0))
+    if gpus and gpus_per_worker != 0:
+        return max(1, int(gpus // (gpus_per_worker or 1.0)))
+    return max(1, int(float(resources.get("CPU", 1.0)) // CPUS_PER_CPU_ACTOR))
+
+
+def worker_pool(spec: int | str, gpus_per_worker: float | None = None) -> tuple[object, dict, tuple[int, int]]:
+    """(Ray Data ActorPoolStrategy, per-actor resources, (min, max) actors) for ``--workers`` (both jobs use this).
+
+    ``auto`` sizes a fixed pool to the cluster as it is now (auto_workers); ``MIN:MAX`` gives a pool that Ray Data
+    grows up to MAX actors as an autoscaling cluster adds nodes.
+    """
+    import ray
+
+    sizes = parse_workers(spec)
+    if sizes is None:
+        n = auto_workers(gpus_per_worker)
+        sizes = (n, n)
+    low, high = sizes
+    strategy = (ray.data.ActorPoolStrategy(size=low) if low == high
+                else ray.data.ActorPoolStrategy(min_size=low, max_size=high))
+    return strategy, actor_resources(gpus_per_worker, high), sizes
 
 
 def process_peak_rss_mb() -> float:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from kalm_batch.corpus import JOIN_MODES, CorpusFormat, list_corpus_files
 from kalm_batch.model import DEFAULT_MODEL
 from kalm_batch.pipelines import encode_stages as S
-from kalm_batch.pipelines.cluster import actor_resources, init_ray, stage_remote_args
+from kalm_batch.pipelines.cluster import init_ray, parse_workers, stage_remote_args, worker_pool
 from kalm_batch.store.errors import StoreError
 from kalm_batch.store.writer import CommitResult, StoreWriter, settings_for
 
@@ -44,7 +44,8 @@ class EncodeConfig(BaseModel):
     title_field: str | None = Field("title", description="title column/key (None: no title)")
     join: str = Field("title_space_text", description=f"how title and text are joined: {', '.join(JOIN_MODES)}")
     address: str | None = Field(None, description="Ray address: None/'local' starts a local Ray, 'auto' joins one")
-    workers: int = Field(1, ge=1, description="encoder actors")
+    workers: int | str = Field("auto", description="encoder actors: auto (one per GPU, else one per 8 CPUs), N, or "
+                               "MIN:MAX (a pool that grows on an autoscaling cluster)")
     gpus_per_worker: float | None = Field(None, description="GPUs per encoder actor (default: 1 if the cluster has GPUs)")
     max_tokens_per_batch: int = Field(16384, ge=1, description="padded-token budget per encoder forward")
     batch_size: int = Field(64, ge=1, description="max passages per encoder forward")
@@ -116,9 +117,19 @@ MAX_VECTORS_PER_CALL = 1 << 18  # worst case ~335 MB of bf16 memories at hidden 
 def default_rows_per_task(ratio: int, max_length: int) -> int:
     """The encoder actor's sort window: 1024 passages, or fewer so that one call's memories stay bounded even if every
     passage reaches max_length (max_length / ratio vectors each)."""
-    from kalm_batch.pooling import n_vectors  # torch: the driver has it by now (run_encode loads the tokenizer first)
+    from kalm_batch.pooling import (
+        n_vectors,  # torch: the driver has it by now (run_encode loads the tokenizer first)
+    )
 
     return max(64, min(MAX_SORT_WINDOW, MAX_VECTORS_PER_CALL // n_vectors(max_length, ratio)))
+
+
+def _pool_size(cfg: EncodeConfig) -> int:
+    """The encoder actors a run sized its pool to (the largest, for MIN:MAX)."""
+    from kalm_batch.pipelines.cluster import auto_workers
+
+    sizes = parse_workers(cfg.workers)
+    return sizes[1] if sizes else auto_workers(cfg.gpus_per_worker)
 
 
 def _format(cfg: EncodeConfig) -> CorpusFormat:
@@ -141,11 +152,11 @@ def _launch_plan(cfg: EncodeConfig, files: list[str], committed: dict[str, str])
     return plan.remote(ray.put(committed), files, cfg.refresh, *id_refs)
 
 
-def _encode_pipeline(cfg: EncodeConfig, files: list[str], drop_ref):
+def build_encode_pipeline(cfg: EncodeConfig, files: list[str], drop_ref):
     """read -> keep (waits for the plan) -> tokenize -> encode -> write: one streaming Ray Data execution."""
     import ray
 
-    res = actor_resources(cfg.gpus_per_worker, cfg.workers)
+    pool, res, (_, max_workers) = worker_pool(cfg.workers, cfg.gpus_per_worker)
     remote = stage_remote_args()
     items = [{"url": u, "file_index": i} for i, u in enumerate(files)]
     rows = ray.data.from_items(items, override_num_blocks=max(1, len(items))).flat_map(
@@ -158,14 +169,14 @@ def _encode_pipeline(cfg: EncodeConfig, files: list[str], drop_ref):
     encoded = tokens.map_batches(
         S.EncodeRows, batch_size=cfg.rows_per_task or default_rows_per_task(cfg.ratio, cfg.max_length),
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.workers), **res, **remote,
-        fn_constructor_kwargs=dict(model=cfg.model, ratio=cfg.ratio, max_length=cfg.max_length,
-                                   dtype=cfg.model_dtype, codec_dtype=cfg.dtype, level=cfg.level,
-                                   max_tokens_per_batch=cfg.max_tokens_per_batch, batch_size=cfg.batch_size,
-                                   cpu_threads=cfg.cpu_threads or max(1, (os.cpu_count() or 1) // cfg.workers)))
+        compute=pool, **res, **remote,
+        fn_constructor_kwargs={"model": cfg.model, "ratio": cfg.ratio, "max_length": cfg.max_length,
+                                   "dtype": cfg.model_dtype, "codec_dtype": cfg.dtype, "level": cfg.level,
+                                   "max_tokens_per_batch": cfg.max_tokens_per_batch, "batch_size": cfg.batch_size,
+                                   "cpu_threads": cfg.cpu_threads or max(1, (os.cpu_count() or 1) // max_workers)})
     return encoded.map_batches(
         S.WriteShards, batch_size=cfg.shard_rows, batch_format="pyarrow", num_cpus=0.25,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.workers),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_workers),
         fn_constructor_kwargs={"store_url": cfg.store, "storage_options": cfg.storage_options}, **remote)
 
 
@@ -204,7 +215,7 @@ def run_encode(cfg: EncodeConfig) -> EncodeSummary:
     plan: S.EncodePlan | None = None if not committed else ray.get(plan_ref)
     progress = _Progress(writer, cfg)
     if plan is None or plan.to_encode > 0:
-        for row in _encode_pipeline(cfg, files, drop_ref).iter_rows():
+        for row in build_encode_pipeline(cfg, files, drop_ref).iter_rows():
             progress.add(row)
     plan = plan or ray.get(plan_ref)
     if plan.good_rows == 0:
@@ -279,6 +290,6 @@ def _finish(cfg, writer: StoreWriter, start, plan: S.EncodePlan, progress: _Prog
         tokens_per_s=round(tokens / secs, 1), padding_ratio=round(1 - tokens / padded, 4) if padded else 0.0,
         bytes_written=sum(r["size"] for r in rows), bytes_per_doc=round(mem_bytes / encoded, 1) if encoded else 0.0,
         store_rows=writer.rows, worker_peak_rss_mb=max([r["worker_rss_mb"] for r in rows], default=0.0),
-        encoder_seconds=round(busy, 2), encoder_busy_share=round(busy / (secs * cfg.workers), 3) if secs else 0.0,
+        encoder_seconds=round(busy, 2), encoder_busy_share=round(busy / (secs * _pool_size(cfg)), 3) if secs else 0.0,
         encoder_load_seconds=round(max([r["encoder_load_seconds"] for r in rows], default=0.0), 2),
         errors_file=errors_url)

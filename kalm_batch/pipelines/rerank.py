@@ -1,38 +1,44 @@
-"""The bulk rerank job: rerank every query's first-stage candidates from a memory store on Ray Data, never encoding.
+"""The bulk rerank job: rerank query logs of any size from a memory store on Ray Data, resumably, never encoding.
 
-Driver: read queries and candidates (kalm_batch.querylog), keep the top-k per query by first-stage rank, open the
-store to check its manifest and the model fingerprint, tag each (query, doc) pair with the shard holding the doc and
-sort by shard. Ray Data: blocks of whole shards, ``map_batches(ScoreShards, batch_size=None)`` on an actor pool, so
-each shard's needed row groups are read once, by one actor, for all the pairs that need them (no per-pair random
-reads; no shuffle either, since the driver already holds the pairs). A cascade runs one such dataset per stage; the
-driver picks each stage's candidates from the previous stage's scores (kalm_batch.cascade).
+Shape: ``RerankConfig`` -> ``build_records_pipeline`` / ``build_score_pipeline`` (lazy Ray Data datasets) ->
+``run_rerank`` (executes them, returns ``RerankSummary``). The driver holds plans and counters only:
 
-Outputs under ``--out``, each written atomically (kalm_batch.fsio): ``scores.parquet`` (qid, doc_id, score = P(yes),
-margin, rank, first_stage_rank, first_stage_score, stage, ratio), ``run.trec`` (score = (stage - 1) + P(yes), so a
-cascade's tiers stay in order; a single stage writes P(yes) itself), ``problems.jsonl`` and ``skipped.tsv`` (every
-skipped or flagged input, with its reason), ``summary.json`` and, with ``--qrels``, ``metrics.json``.
+1. prepare (once per output folder, committed by ``_work/prepared.json``): one read task per input file validates
+   every record (kalm_batch.pipelines.rerank_inputs); ``groupby(qid).map_groups`` dedupes, ranks, keeps the top k,
+   attaches the query text and assigns each query a partition (rerank_plan); a hash ``join`` with the store's
+   doc_id -> data-file index (``reader.index_files()``) tags each pair with its file.
+   Each partition's records are written with ``write_parquet(partition_cols=["part"])``.
+2. score: ``map_batches`` of the uncommitted partitions on an actor pool (``--workers auto``: one actor per GPU, else
+   per CPUS_PER_CPU_ACTOR CPUs); each actor sorts a partition's pairs by data file, scores them stage by stage (the
+   cascade's per-query selection runs there, on whole queries), writes the partition's outputs and commits it
+   (rerank_partition). A killed job, run again with the same command, skips committed partitions.
+3. commit: counters added up (``input pairs = scored + skipped``, checked), metrics averaged from per-query sums,
+   ``run.trec`` merged when small, ``summary.json``, then ``_COMMITTED`` last (layout: kalm_batch/runfolder.py).
 
-Empty queries are scored like any other: the decoder template still holds and the model scores "" exactly as the
-reference does (they are also listed as ``empty_query`` problems, flagged but kept).
+``--dry-run`` runs step 1's read, plan and join without writing or loading the decoder and reports counts and the
+work per stage.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import time
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from kalm_batch import fsio
-from kalm_batch.cascade import Stage, final_ranking, plan_stages, select_top
+from kalm_batch import fsio, runfolder
+from kalm_batch.cascade import Stage, plan_stages
 from kalm_batch.cliutil import add_model_arguments, model_from_args
 from kalm_batch.model import DEFAULT_MODEL
-from kalm_batch.pipelines import rerank_stages as S
-from kalm_batch.querylog import join_queries, read_candidates, read_queries, top_k
+from kalm_batch.pipelines import rerank_output as O
 
 log = logging.getLogger(__name__)
+PLAN_VERSION = 1
+AUTO_PARTITION_BYTES = 8 * 2**20  # --partitions auto: one partition per 8 MiB of candidate files (~200k TREC lines)
 
 
 class RerankConfig(BaseModel):
@@ -40,18 +46,31 @@ class RerankConfig(BaseModel):
 
     model: str = Field(DEFAULT_MODEL, description="checkpoint directory or hub id (must be the model that made the store)")
     store: str = Field(description="memory store URL made by the encode job (file://, s3://, local path)")
-    queries: str = Field(description="queries: BEIR queries.jsonl, qid<TAB>text TSV or Parquet (qid, text)")
-    candidates: str = Field(description="first-stage candidates: TREC run or Parquet (qid, doc_id[, score][, rank])")
-    out: str = Field(description="output folder URL for scores.parquet, run.trec, problems, summary and metrics")
+    store_version: int | None = Field(None, ge=0, description="store table version to read (default: the latest)")
+    queries: str = Field(description="queries: file, directory or glob of BEIR queries.jsonl, qid<TAB>text TSV or "
+                         "Parquet (qid, text)")
+    candidates: str = Field(description="first-stage candidates: file, directory or glob of TREC runs or Parquet "
+                            "(qid, doc_id[, score][, rank])")
+    out: str = Field(description="output folder URL (scores/, run/, run.trec, skipped/, problems/, summary.json...)")
     top_k: int | None = Field(None, ge=1, description="rerank each query's top K first-stage candidates "
                               "(default 100; with --cascade, the first stage's K)")
     ratio: int | None = Field(None, description="pooling ratio to score at (a multiple of the store's r0; default r0)")
     cascade: str | None = Field(None, description="cascade R1:K1,R2:K2,...: top K1 at ratio R1, then the top K2 of "
                                 "those at R2, ... (K strictly decreasing), e.g. 32:100,4:20")
     instruction: str | None = Field(None, description="task instruction in the decoder prompt (default: the model's)")
-    qrels: str | None = Field(None, description="qrels (BEIR TSV or TREC) to compare first-stage and reranked runs")
+    qrels: str | None = Field(None, description="qrels (BEIR TSV or TREC; file, directory or glob) to compare the "
+                              "first-stage and reranked runs, per query in the workers")
+    dry_run: bool = Field(False, description="validate the inputs against the store and report counts and the work "
+                          "per stage, without loading the decoder or writing outputs")
+    overwrite: bool = Field(False, description="delete this job's outputs in --out and start over (default: resume a "
+                            "run of the same plan, refuse anything else)")
+    partitions: int | None = Field(None, ge=1, description="units of resumption, by hash of qid (default: one per "
+                                   "8 MiB of candidate files)")
+    merge_limit: int = Field(5_000_000, ge=0, description="also merge the run parts into OUT/run.trec when the run "
+                             "has at most this many lines")
     address: str | None = Field(None, description="Ray address: unset/'local' starts a local Ray, 'auto' joins one")
-    workers: int = Field(1, ge=1, description="scoring actors")
+    workers: int | str = Field("auto", description="scoring actors: auto (one per GPU, else one per 8 CPUs), N, or MIN:MAX "
+                         "(a pool that grows on an autoscaling cluster)")
     gpus_per_worker: float | None = Field(None, description="GPUs per scoring actor (default: 1 if the cluster has GPUs)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype of the decoder (auto: bfloat16 on GPU, float32 on CPU)")
@@ -59,7 +78,7 @@ class RerankConfig(BaseModel):
     batch_size: int = Field(32, ge=1, description="max pairs per decoder forward")
     max_tokens_per_batch: int = Field(32768, ge=1, description="padded prompt tokens + memory vectors per forward")
     query_max_length: int = Field(512, ge=1, description="query truncation length in tokens")
-    pairs_per_block: int = Field(4096, ge=1, description="pairs per Ray Data block (blocks hold whole shards)")
+    pairs_per_block: int = Field(4096, ge=1, description="pairs per store fetch in a scoring actor (sorted by file)")
     cpu_threads: int | None = Field(None, ge=1, description="torch threads per actor on CPU (default: Ray's)")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all)")
     tag: str = Field("kalm-rerank", description="run tag written in run.trec")
@@ -70,27 +89,43 @@ class RerankSummary(BaseModel):
     """What a run did and cost (also written to ``summary.json``)."""
 
     out: str
+    dry_run: bool = False
+    store: dict = Field(default_factory=dict, description="the store read: url, version, ratio, model id, rows")
     stages: list[dict] = Field(description="per stage: ratio, k, pairs, vectors attended, seconds")
+    input_pairs: int = Field(0, description="top-k candidate pairs with valid ids = pairs_scored + skipped_pairs")
     pairs_scored: int
-    pairs_per_s: float = Field(description="pairs scored / wall seconds of the scoring stages")
-    wall_s: float = Field(description="the whole run, reading inputs to writing outputs")
+    skipped_pairs: int
+    skipped: dict[str, int] = Field(default_factory=dict, description="skipped pairs by reason")
+    pairs_per_s: float = Field(description="pairs scored / wall seconds of the scoring pass")
+    wall_s: float = Field(description="the whole run, reading inputs to committing outputs")
+    prepare_s: float = 0.0
+    score_wall_s: float = 0.0
     fetch_decode_s: float = Field(description="store read + decode + coarsen, summed over actors")
     score_s: float = Field(description="decoder scoring, summed over actors")
+    write_s: float = Field(0.0, description="writing the partitions' outputs, summed over actors")
+    commit_s: float = Field(0.0, description="adding up the counters, merging run.trec, summary and commit marker")
     fetch_decode_share: float = Field(description="fetch_decode_s / (fetch_decode_s + score_s)")
     queries_ranked: int
-    problems: dict[str, int] = Field(description="problems by kind (skipped or flagged inputs)")
-    skipped_pairs: int
+    problems: dict[str, int] = Field(description="bad or flagged inputs by kind (rows of problems/)")
+    partitions: dict = Field(default_factory=dict, description="total, scored by this call, already committed")
+    actors: list[dict] = Field(default_factory=list, description="per scoring actor: partitions, busy seconds, share")
+    estimate: dict | None = Field(None, description="--dry-run: counts and the work per stage")
     metrics: dict | None = None
     metrics_table: str | None = None
-    outputs: dict[str, str]
+    outputs: dict[str, str] = Field(default_factory=dict)
 
     def table(self) -> str:
-        keys = ["pairs_scored", "pairs_per_s", "wall_s", "fetch_decode_s", "score_s", "fetch_decode_share",
-                "queries_ranked", "skipped_pairs", "problems"]
+        keys = ["input_pairs", "pairs_scored", "skipped_pairs", "skipped", "pairs_per_s", "wall_s", "prepare_s",
+                "score_wall_s", "fetch_decode_s", "score_s", "write_s", "commit_s", "fetch_decode_share", "queries_ranked", "problems",
+                "partitions"]
         width = max(map(len, keys))
         lines = [f"{k:<{width}}  {getattr(self, k)}" for k in keys]
         lines += [f"{'stage ' + str(s['stage']):<{width}}  r={s['ratio']} k={s['k']} pairs={s['pairs']} "
-                  f"vectors={s['vectors']} score_s={s['score_s']} wall_s={s['wall_s']}" for s in self.stages]
+                  f"vectors={s['vectors']} score_s={s.get('score_s')}" for s in self.stages]
+        lines += [f"{'actor ' + a['actor']:<{width}}  partitions={a['partitions']} busy_s={a['busy_s']} "
+                  f"busy_share={a['busy_share']}" for a in self.actors]
+        if self.estimate:
+            lines.append("dry run: " + json.dumps(self.estimate, sort_keys=True))
         return "\n".join(lines + ([self.metrics_table] if self.metrics_table else []))
 
 
@@ -106,120 +141,256 @@ def config_from_args(ns: argparse.Namespace) -> RerankConfig:
     return model_from_args(RerankConfig, ns)
 
 
-# ----- the job -------------------------------------------------------------------------------------------------
-def open_checked_store(store: str, model: str, *, allow_mismatch: bool = False, storage_options: dict | None = None):
-    """Open the store and refuse it unless ``model`` made it; returns (reader, reranker with no weights loaded).
-
-    A fingerprint mismatch (config, tokenizer or weights hash) raises StoreMismatchError naming both; with
-    ``allow_mismatch`` the store reader logs a loud WARNING instead. A different hidden size is refused either way
-    (those memories cannot be scored at all).
-    """
+# ----- the store and the plan -----------------------------------------------------------------------------------
+def open_checked_store(store: str, model: str, *, version: int | None = None, allow_mismatch: bool = False,
+                       storage_options: dict | None = None):
+    """Open the store (pinned to ``version``) and refuse it unless ``model`` made it (kalm_batch.store.compat);
+    returns (reader, reranker with no weights loaded)."""
     from kalm_batch.reranker import KaLMReranker
     from kalm_batch.store import check_compatible, open_store
 
-    reader = open_store(store, storage_options=storage_options)
+    reader = open_store(store, version=version, storage_options=storage_options)
     reranker = KaLMReranker(model, chunk_size=reader.ratio)  # config, tokenizer and fingerprint only
     check_compatible(reader, reranker, allow_mismatch=allow_mismatch)
     return reader, reranker
 
 
-def summarize(out: str, costs: list[dict], ranking: dict, problems: list[dict], metrics: dict | None,
-              outputs: dict[str, str], *, wall_s: float) -> RerankSummary:
-    from collections import Counter
+def store_ratios(reader) -> list[int]:
+    from kalm_batch.pooling import ALLOWED_RATIOS
 
-    pairs = sum(c["pairs"] for c in costs)
-    stage_wall = sum(c["wall_s"] for c in costs)
-    fetch_s, score_s = sum(c["fetch_decode_s"] for c in costs), sum(c["score_s"] for c in costs)
-    return RerankSummary(
-        out=out, stages=costs, pairs_scored=pairs, pairs_per_s=round(pairs / stage_wall, 2) if stage_wall else 0.0,
-        wall_s=round(wall_s, 3), fetch_decode_s=round(fetch_s, 4), score_s=round(score_s, 4),
-        fetch_decode_share=round(fetch_s / (fetch_s + score_s), 4) if fetch_s + score_s else 0.0,
-        queries_ranked=sum(1 for placed in ranking.values() if placed),
-        problems=dict(sorted(Counter(p["kind"] for p in problems).items())),
-        skipped_pairs=sum(1 for p in problems if p["kind"] in ("doc_not_in_store", "corrupt_record")),
-        metrics=metrics["runs"] if metrics else None, metrics_table=metrics["table"] if metrics else None,
-        outputs=outputs)
+    return [r for r in ALLOWED_RATIOS if r % reader.ratio == 0]
 
 
-def _score_stage(cfg: RerankConfig, table) -> tuple:
-    """One Ray Data pass over blocks of whole shards, scored on the actor pool; returns (results, wall seconds)."""
-    import pyarrow as pa
+def input_files(cfg: RerankConfig) -> dict[str, list[str]]:
+    from kalm_batch.pipelines.rerank_inputs import list_input_files
+
+    so = cfg.storage_options
+    return {"queries": list_input_files(cfg.queries, so, "queries"),
+            "candidates": list_input_files(cfg.candidates, so, "candidates"),
+            "qrels": list_input_files(cfg.qrels, so, "qrels") if cfg.qrels else []}
+
+
+def auto_partitions(files: list[str], storage_options: dict | None = None) -> int:
+    total = 0
+    for url in files:
+        fs, path = fsio.url_to_fs(url, storage_options)
+        total += int(fs.size(path) or 0)
+    return max(1, math.ceil(total / AUTO_PARTITION_BYTES))
+
+
+def file_identity(url: str, storage_options: dict | None = None) -> str:
+    """Size and version stamp (ETag, else modification time) of an input file: a changed file is another plan."""
+    fs, path = fsio.url_to_fs(url, storage_options)
+    info = fs.info(path)
+    stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or info.get("created")
+    return f"{url} size={info.get('size')} stamp={stamp}"
+
+
+def make_plan(cfg: RerankConfig, reader, reranker, stages: list[Stage], files: dict, partitions: int) -> dict:
+    """What the output folder is filled with; a resume must match it exactly (kalm_batch.pipelines.rerank_output)."""
+    fp = reranker.fingerprint.to_dict()
+    inputs = {role: [file_identity(u, cfg.storage_options) for u in urls] for role, urls in files.items()}
+    plan = {"plan_version": PLAN_VERSION, "inputs": inputs,
+            "model": {k: fp.get(k) for k in ("config_sha256", "tokenizer_sha256", "weights_sha256")},
+            "store": {"url": reader.url, "version": reader.version},
+            "stages": [[s.ratio, s.k] for s in stages], "partitions": partitions,
+            "scoring": {"instruction": cfg.instruction, "dtype": cfg.dtype, "query_max_length": cfg.query_max_length,
+                        "tag": cfg.tag}}
+    return {**plan, "plan_id": O.plan_id(plan)}
+
+
+# ----- the lazy pipelines ---------------------------------------------------------------------------------------
+def shuffle_partitions(partitions: int) -> int:
+    """Hash-shuffle width of the groupby/join stages: grows with the work (one per 4 partitions, ~32 MiB of
+    candidate files), capped at 64."""
+    return max(1, min(64, math.ceil(partitions / 4)))
+
+
+def build_records_pipeline(cfg: RerankConfig, files: dict, *, top_k: int, partitions: int, index_urls: list[str]):
+    """read (one task per file) -> groupby(qid).map_groups(plan) -> join with the store's doc_id -> file index."""
     import ray
 
-    from kalm_batch.pipelines.cluster import actor_resources
+    from kalm_batch.pipelines import rerank_inputs as I
+    from kalm_batch.pipelines.cluster import stage_remote_args
+    from kalm_batch.pipelines.rerank_plan import plan_group
 
-    if table.num_rows == 0:
-        return S.RESULT_SCHEMA.empty_table(), 0.0
-    start = time.perf_counter()
-    ds = ray.data.from_arrow(S.shard_blocks(table, cfg.pairs_per_block))
-    scored = ds.map_batches(
-        S.ScoreShards, batch_size=None, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.workers),
-        fn_constructor_args=(cfg.model, cfg.store),
-        fn_constructor_kwargs=dict(storage_options=cfg.storage_options, dtype=cfg.dtype, instruction=cfg.instruction,
-                                   batch_size=cfg.batch_size, query_max_length=cfg.query_max_length,
-                                   max_tokens_per_batch=cfg.max_tokens_per_batch, cpu_threads=cfg.cpu_threads),
-        **actor_resources(cfg.gpus_per_worker, cfg.workers))
-    tables = [t for t in ray.get(scored.to_arrow_refs()) if t.num_rows]
-    results = pa.concat_tables([t.cast(S.RESULT_SCHEMA) for t in tables]) if tables else S.RESULT_SCHEMA.empty_table()
-    return results, time.perf_counter() - start
-
-
-def _stage_pairs(stage_no: int, pairs, previous, queries: dict[str, str], k: int):
-    """Stage 1 scores the given pairs; stage i > 1 the top ``k`` of stage i-1 per query."""
-    if stage_no == 1:
-        return pairs
-    return [(qid, queries[qid], s.doc_id, s.first_stage_rank)
-            for qid, items in select_top(previous, k).items() for s in items]
+    remote = stage_remote_args()
+    items = I.file_items(files["queries"], files["candidates"], files["qrels"])
+    raw = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        I.read_file_records, batch_size=1, fn_kwargs={"storage_options": cfg.storage_options}, num_cpus=0.5, **remote)
+    shuffle = shuffle_partitions(partitions)
+    records = raw.groupby("gkey", num_partitions=shuffle).map_groups(plan_group, batch_format="pyarrow", num_cpus=0.5,
+                                             fn_kwargs={"top_k": top_k, "partitions": partitions}, **remote)
+    fs, _ = fsio.fs_for_pyarrow(index_urls[0], cfg.storage_options)
+    paths = [fsio.fs_for_pyarrow(u, cfg.storage_options)[1] for u in index_urls]
+    index = ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=len(paths), **remote).select_columns(
+        ["doc_id", "file"])  # one block per index file (Ray's default of 200 read tasks costs minutes on small stores)
+    return records.join(index, join_type="left_outer", on=("doc_id",), num_partitions=shuffle)
 
 
-def _run_stages(cfg: RerankConfig, reader, stages: list[Stage], pairs, queries: dict[str, str]):
-    """Every stage in turn; returns (per-stage {qid: [Scored]}, per-stage costs, pair-level problem records)."""
-    per_stage, costs, problems = [], [], []
-    for number, stage in enumerate(stages, start=1):
-        todo = _stage_pairs(number, pairs, per_stage[-1] if per_stage else {}, queries, stage.k)
-        table, missing = S.pairs_table(todo, reader, stage=number, ratio=stage.ratio)
-        problems += [S.missing_doc(cfg.candidates, cfg.store, qid, doc) for qid, doc in missing]
-        results, wall = _score_stage(cfg, table)
-        problems += S.error_records(results, cfg.store)
-        per_stage.append(S.scored_by_query(results))
-        costs.append(S.stage_cost(results, stage=number, ratio=stage.ratio, k=stage.k, wall_s=wall))
-        log.info("stage %d (r=%d, k=%d): %s", number, stage.ratio, stage.k, costs[-1])
-    return per_stage, costs, problems
+def write_prepared(cfg: RerankConfig, joined) -> None:
+    """Execute the records pipeline into ``_work/prepared/part=N/`` (Ray Data ``write_parquet``, hive partitions)."""
+    from kalm_batch.pipelines.cluster import stage_remote_args
+
+    url = fsio.join_url(cfg.out, runfolder.PREPARED_DIR)
+    fs, path = fsio.fs_for_pyarrow(url, cfg.storage_options)
+    joined.write_parquet(path, filesystem=fs, partition_cols=["part"], ray_remote_args=stage_remote_args() or None)
 
 
+def build_score_pipeline(cfg: RerankConfig, parts: list[int], plan: dict, *, measures: list[str] | None):
+    """The uncommitted partitions, one per ``map_batches`` call of a ScorePartitions actor (see rerank_partition)."""
+    import ray
+
+    from kalm_batch.pipelines.cluster import stage_remote_args, worker_pool
+    from kalm_batch.pipelines.rerank_partition import ScorePartitions
+
+    strategy, resources, _ = worker_pool(cfg.workers, cfg.gpus_per_worker)
+    items = ray.data.from_items([{"part": p} for p in parts], override_num_blocks=max(1, len(parts)))
+    return items.map_batches(
+        ScorePartitions, batch_size=1, compute=strategy,
+        fn_constructor_args=(cfg.model, cfg.store, cfg.out),
+        fn_constructor_kwargs={
+            "stages": plan["stages"], "store_version": plan["store"]["version"], "plan_id": plan["plan_id"], "tag": cfg.tag,
+            "storage_options": cfg.storage_options, "dtype": cfg.dtype, "instruction": cfg.instruction,
+            "batch_size": cfg.batch_size, "query_max_length": cfg.query_max_length,
+            "max_tokens_per_batch": cfg.max_tokens_per_batch, "pairs_per_block": cfg.pairs_per_block,
+            "cpu_threads": cfg.cpu_threads, "measures": measures},
+        **resources, **stage_remote_args())
+
+
+# ----- the job -------------------------------------------------------------------------------------------------
 def run_rerank(cfg: RerankConfig) -> RerankSummary:
-    """Run the whole job (local Ray unless ``cfg.address``); outputs are written under ``cfg.out``."""
+    """Run (or resume) the whole job; outputs are committed under ``cfg.out`` (``--dry-run``: nothing written)."""
     from kalm_batch.pipelines.cluster import init_ray
+    from kalm_batch.pipelines.rerank_stages import dry_run_report
 
     start = time.perf_counter()
-    reader, _ = open_checked_store(cfg.store, cfg.model, allow_mismatch=cfg.allow_mismatch,
-                                     storage_options=cfg.storage_options)
-    stages = plan_stages(ratios=reader.ratios, cascade=cfg.cascade, ratio=cfg.ratio, top_k=cfg.top_k)
-    queries = read_queries(cfg.queries, cfg.storage_options)
-    candidates = read_candidates(cfg.candidates, cfg.storage_options)
-    joined, join_problems = join_queries(queries, top_k(candidates, stages[0].k))
-    problems = [S.input_problem(p) for p in queries.problems + candidates.problems + join_problems]
-    pairs = [(qid, text, doc, rank) for qid, text, doc, rank, _ in joined]
-    if pairs:
-        init_ray(cfg.address, num_cpus=cfg.num_cpus)
-    per_stage, costs, pair_problems = _run_stages(cfg, reader, stages, pairs, queries.texts)
-    ranking = final_ranking(per_stage)
-    outputs = S.write_outputs(cfg.out, ranking, joined, problems + pair_problems, stages, tag=cfg.tag,
-                              storage_options=cfg.storage_options)
-    metrics = S.write_metrics(cfg.out, cfg.qrels, joined, ranking, per_stage, stages,
-                              cfg.storage_options) if cfg.qrels else None
+    reader, reranker = open_checked_store(cfg.store, cfg.model, version=cfg.store_version,
+                                          allow_mismatch=cfg.allow_mismatch, storage_options=cfg.storage_options)
+    stages = plan_stages(ratios=store_ratios(reader), cascade=cfg.cascade, ratio=cfg.ratio, top_k=cfg.top_k)
+    files = input_files(cfg)
+    partitions = cfg.partitions or auto_partitions(files["candidates"], cfg.storage_options)
+    plan = make_plan(cfg, reader, reranker, stages, files, partitions)
+    if not cfg.dry_run:  # refuse a foreign --out before starting anything
+        O.claim_output(cfg.out, plan, overwrite=cfg.overwrite, storage_options=cfg.storage_options)
+    init_ray(cfg.address, num_cpus=cfg.num_cpus)
+    if cfg.dry_run:
+        joined = build_records_pipeline(cfg, files, top_k=stages[0].k, partitions=partitions,
+                                        index_urls=reader.index_files())
+        return dry_run_report(cfg, joined, reader, stages, start)
+    prepared = _prepare(cfg, reader, files, stages, plan)
+    prepare_s = time.perf_counter() - start
+    committed = set(O.done_parts(cfg.out, cfg.storage_options))
+    todo = [p for p in prepared["parts"] if p not in committed]
+    t = time.perf_counter()
+    if todo:
+        _score(cfg, todo, plan, prepared, committed)
+    score_wall = time.perf_counter() - t
+    return _commit(cfg, reader, plan, prepared, stages, start=start, prepare_s=prepare_s, score_wall=score_wall,
+                   scored_now=len(todo))
+
+
+def _prepare(cfg: RerankConfig, reader, files: dict, stages: list[Stage], plan: dict) -> dict:
+    """The prepared partitions (``_work/prepared.json``), computed once per plan."""
+    marker = fsio.join_url(cfg.out, runfolder.PREPARED_MARKER)
+    if fsio.exists(marker, cfg.storage_options):
+        prepared = fsio.read_json(marker, cfg.storage_options)
+        if prepared.get("plan_id") == plan["plan_id"]:
+            log.info("inputs already prepared (%d partitions, %d pairs to score); resuming", len(prepared["parts"]),
+                     prepared["pairs_found"])
+            return prepared
+    from kalm_batch.pipelines.rerank_stages import count_prepared
+
+    t = time.perf_counter()
+    O.remove_prepared(cfg.out, cfg.storage_options)  # a killed earlier attempt may have left some files
+    write_prepared(cfg, build_records_pipeline(cfg, files, top_k=stages[0].k, partitions=plan["partitions"],
+                                               index_urls=reader.index_files()))
+    prepared = {"plan_id": plan["plan_id"], **count_prepared(cfg.out, cfg.storage_options),
+                "seconds": round(time.perf_counter() - t, 3)}
+    fsio.write_json_atomic(marker, prepared, cfg.storage_options)
+    log.info("prepared %d partitions: %d input pairs, %d in the store (%.1f s)", len(prepared["parts"]),
+             prepared["input_pairs"], prepared["pairs_found"], prepared["seconds"])
+    return prepared
+
+
+def _score(cfg: RerankConfig, todo: list[int], plan: dict, prepared: dict, committed: set[int]) -> None:
+    """Execute the score pipeline, logging one progress line per committed partition."""
+    measures = None
+    if cfg.qrels:
+        from kalm_batch.metrics import DEFAULT_MEASURES
+
+        measures = list(DEFAULT_MEASURES)
+    total = prepared["pairs_found"]
+    done_before = sum(c["pairs_scored"] for c in O.read_done(cfg.out, sorted(committed), plan["plan_id"],
+                                                             cfg.storage_options)) if committed else 0
+    scored, t0 = 0, time.perf_counter()
+    for i, row in enumerate(build_score_pipeline(cfg, todo, plan, measures=measures).iter_rows(), start=1):
+        c = json.loads(row["counters"])
+        scored += c["pairs_scored"]
+        rate = scored / max(time.perf_counter() - t0, 1e-9)
+        left = max(0, total - done_before - scored)
+        log.info("rerank progress: partition %d committed (%d/%d this run); pairs scored %d/%d (%.1f%%), %.1f pairs/s, "
+                 "ETA %.0f s", c["part"], i, len(todo), done_before + scored, total,
+                 100.0 * (done_before + scored) / max(total, 1), rate, left / rate if rate else float("nan"))
+
+
+def _commit(cfg: RerankConfig, reader, plan: dict, prepared: dict, stages: list[Stage], *, start: float,
+            prepare_s: float, score_wall: float, scored_now: int) -> RerankSummary:
+    from kalm_batch.pipelines.rerank_stages import add_counters
+
+    so = cfg.storage_options
+    t_commit = time.perf_counter()
+    parts = prepared["parts"]
+    counters = O.read_done(cfg.out, parts, plan["plan_id"], so)
+    total = add_counters(counters, stages, score_wall)
+    if total["input_pairs"] != total["pairs_scored"] + sum(total["skipped"].values()):
+        raise RuntimeError(f"pair accounting does not add up: {total['input_pairs']} input pairs != "
+                           f"{total['pairs_scored']} scored + {sum(total['skipped'].values())} skipped; the outputs in "
+                           f"{cfg.out} are left uncommitted")
+    outputs = {name: fsio.join_url(cfg.out, name) for name in runfolder.DATASETS}
+    if total["run_lines"] <= cfg.merge_limit:
+        outputs["run.trec"] = O.merge_run(cfg.out, parts, so)
+    metrics = _metrics(cfg, total.pop("metrics"))
     if metrics:
         outputs["metrics"] = fsio.join_url(cfg.out, "metrics.json")
+        fsio.write_json_atomic(outputs["metrics"], metrics, so)
         log.info("metrics:\n%s", metrics["table"])
-    summary = summarize(cfg.out, costs, ranking, problems + pair_problems, metrics, outputs,
-                          wall_s=time.perf_counter() - start)
-    fsio.write_json_atomic(outputs["summary"], {**summary.model_dump(), "config": cfg.model_dump(
-        exclude={"storage_options"}), "store": reader.summary()}, cfg.storage_options)
+    outputs["summary"] = fsio.join_url(cfg.out, "summary.json")
+    wall = time.perf_counter() - start
+    fetch_s, score_s = total.pop("fetch_decode_s"), total.pop("score_s")
+    summary = RerankSummary(
+        out=cfg.out, store=reader.summary(), **total,
+        pairs_per_s=round(total["pairs_scored"] / score_wall, 2) if score_wall and scored_now else 0.0,
+        wall_s=round(wall, 3), prepare_s=round(prepare_s, 3), score_wall_s=round(score_wall, 3),
+        fetch_decode_s=round(fetch_s, 4), score_s=round(score_s, 4),
+        fetch_decode_share=round(fetch_s / (fetch_s + score_s), 4) if fetch_s + score_s else 0.0,
+        commit_s=round(time.perf_counter() - t_commit, 3), partitions={"total": len(parts), "scored_now": scored_now, "already_committed": len(parts) - scored_now},
+        metrics=metrics["runs"] if metrics else None, metrics_table=metrics["table"] if metrics else None,
+        outputs=outputs)
+    record = {**summary.model_dump(), "config": cfg.model_dump(exclude={"storage_options"}), "plan": plan}
+    fsio.write_json_atomic(outputs["summary"], record, so)
+    O.commit(cfg.out, {"plan_id": plan["plan_id"], "store": plan["store"], "partitions": len(parts),
+                       "pairs_scored": summary.pairs_scored}, so)
     return summary
 
 
+def _metrics(cfg: RerankConfig, sums: dict[str, list[dict]]) -> dict | None:
+    if not cfg.qrels:
+        return None
+    from kalm_batch.metrics import DEFAULT_MEASURES, format_table, mean_of_sums
+
+    runs = {name: mean_of_sums(parts) for name, parts in sums.items()}
+    return {"measures": list(DEFAULT_MEASURES), "qrels": cfg.qrels, "runs": runs, "table": format_table(runs),
+            "how": "per-query ir-measures values summed in the workers, divided by the judged queries here"}
+
+
 def run_eval(run_url: str, qrels_url: str, storage_options: dict | None = None) -> dict:
-    """``kalm-batch eval``: nDCG@10, RR@10 and R@100 of a TREC run against qrels (BEIR TSV or TREC), via ir-measures."""
+    """``kalm-batch eval``: nDCG@10, RR@10 and R@100 of a TREC run against qrels (BEIR TSV or TREC), via ir-measures.
+    A run file inside a rerank output folder that was never committed is refused."""
     from kalm_batch.metrics import eval_files
 
+    if runfolder.is_run_folder(run_url, storage_options):
+        runfolder.require_committed(run_url, storage_options)
+        run_url = fsio.join_url(run_url, "run.trec")
+    runfolder.check_run_file(run_url, storage_options)
     return eval_files(run_url, qrels_url, storage_options=storage_options)

@@ -1,240 +1,167 @@
-"""Stages of the bulk rerank job, as plain functions and callable classes (each runs without Ray).
+"""Smaller stages of the rerank job, as plain functions (each runs without Ray):
 
-- ``pairs_table`` (driver): the (query, candidate) pairs of one cascade stage as an Arrow table, each pair tagged with
-  the store data file holding its document (``StoreReader.file_of``); documents the store lacks are returned apart.
-- ``shard_blocks`` (driver): the shard-sorted pairs cut into Ray Data blocks of whole shards.
-- ``ScoreShards`` (actor, ``map_batches`` with one block per batch): for every pair of the shards in its block, it
-  fetches the distinct documents in one store read (the reader groups ids by shard and reads only the row groups they
-  live in), then scores all the pairs with the decoder half. Loads only the decoder; opens the store reader once.
-- ``scored_by_query`` (driver): a stage's result table back into per-query ``Scored`` lists for the cascade.
+- ``prepared_dataset`` / ``count_prepared`` (driver): the prepared records (``_work/prepared/part=N/``) and their
+  counts, streamed;
+- ``count_records`` (``map_batches``, dry run): counts and work estimates of a batch of joined records;
+- ``dry_run_report`` (driver): runs the counting pass and adds the counts up;
+- ``add_counters`` (driver): the committed partitions' counters added up for the summary.
+
+The read stage is kalm_batch/pipelines/rerank_inputs.py, the per-query plan rerank_plan.py, the scoring actor
+rerank_partition.py.
 """
 
 from __future__ import annotations
 
-import logging
-import os
+import json
 import time
-from collections.abc import Sequence
+from collections import Counter, defaultdict
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kalm_batch.cascade import Scored
-
-log = logging.getLogger(__name__)
-
-PAIR_SCHEMA = pa.schema([
-    ("qid", pa.string()), ("query", pa.string()), ("doc_id", pa.string()), ("shard", pa.int32()),
-    ("first_stage_rank", pa.int32()), ("stage", pa.int16()), ("ratio", pa.int16()),
-])
-RESULT_SCHEMA = pa.schema([
-    ("qid", pa.string()), ("doc_id", pa.string()), ("stage", pa.int16()), ("ratio", pa.int16()),
-    ("shard", pa.int32()), ("first_stage_rank", pa.int32()), ("p_yes", pa.float32()), ("margin", pa.float32()),
-    ("n_vectors", pa.int32()), ("error", pa.string()), ("batch", pa.string()),  # which actor call scored it
-    ("fetch_s", pa.float64()), ("score_s", pa.float64()),  # the batch's seconds, spread evenly over its pairs
-])
+from kalm_batch import fsio, runfolder
+from kalm_batch.pipelines.rerank_plan import PAIR, PROBLEM, QUERY, SKIP
 
 
-def pairs_table(pairs: Sequence[tuple[str, str, str, int]], reader, *, stage: int,
-                ratio: int) -> tuple[pa.Table, list[tuple[str, str]]]:
-    """``pairs`` = (qid, query, doc_id, first_stage_rank) -> (table sorted by shard, [(qid, doc_id) not in store])."""
-    cols: dict[str, list] = {name: [] for name in ("qid", "query", "doc_id", "shard", "first_stage_rank")}
-    missing, file_codes = [], {}
-    for qid, query, doc_id, rank in pairs:
-        file = reader.file_of(doc_id)
-        shard = None if file is None else file_codes.setdefault(file, len(file_codes))
-        if shard is None:
-            missing.append((qid, doc_id))
-            continue
-        for name, value in zip(cols, (qid, query, doc_id, shard, rank)):
-            cols[name].append(value)
-    n = len(cols["qid"])
-    table = pa.table({**cols, "stage": [stage] * n, "ratio": [ratio] * n}, schema=PAIR_SCHEMA)
-    return table.sort_by([("shard", "ascending")]), missing
+def _role(t: pa.Table, role: str) -> pa.Table:
+    return t.filter(pc.equal(t.column("role"), role))
 
 
-def shard_blocks(table: pa.Table, target_rows: int) -> list[pa.Table]:
-    """Cut a shard-sorted pair table into blocks of whole shards (about ``target_rows`` pairs each, never splitting a
-    shard), so the scoring stage reads each needed shard once, in one actor call. At least one (maybe empty) block."""
-    if table.num_rows == 0:
-        return [table]
-    shards = table.column("shard").to_numpy()
-    starts = [0] + (np.flatnonzero(shards[1:] != shards[:-1]) + 1).tolist()
-    blocks, begin = [], 0
-    for start in starts[1:] + [table.num_rows]:
-        if start - begin >= target_rows or start == table.num_rows:
-            blocks.append(table.slice(begin, start - begin))
-            begin = start
-    return blocks
+def prepared_dataset(out: str, storage_options: dict | None = None, part: int | None = None):
+    """The prepared records (all, or one partition's) as a pyarrow dataset (hive partitions ``part=N``)."""
+    import pyarrow.dataset as ds
+
+    url = fsio.join_url(out, runfolder.PREPARED_DIR, *([f"part={part}"] if part is not None else []))
+    fs, path = fsio.fs_for_pyarrow(url, storage_options)
+    return ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive" if part is None else None)
 
 
-class ScoreShards:
-    """Score the pairs of whole shards: one store read for their distinct documents, then the decoder half.
+def count_prepared(out: str, storage_options: dict | None = None) -> dict:
+    """Partitions and pair counts of the prepared records, streamed from two small columns (constant memory)."""
+    import pyarrow.dataset as ds
 
-    The reranker never encodes, so only its decoder half is loaded. Records the store reports corrupt (or, should the
-    index change, missing) come back as rows with ``error`` set and NaN scores; the other pairs are scored.
-    """
-
-    def __init__(self, model: str, store: str, *, storage_options: dict | None = None, dtype: str | None = None,
-                 device: str | None = None, instruction: str | None = None, batch_size: int = 32,
-                 query_max_length: int = 512, max_tokens_per_batch: int = 32768, cpu_threads: int | None = None,
-                 cache_bytes: int = 64 * 2**20):
-        import torch
-
-        from kalm_batch.reranker import KaLMReranker
-        from kalm_batch.store import open_store
-
-        if cpu_threads:
-            torch.set_num_threads(cpu_threads)
-        self.reader = open_store(store, storage_options=storage_options, cache_bytes=cache_bytes)
-        self.reranker = KaLMReranker(model, device=device, dtype=None if dtype == "auto" else dtype,
-                                     batch_size=batch_size, query_max_length=query_max_length,
-                                     chunk_size=self.reader.ratio, max_tokens_per_batch=max_tokens_per_batch)
-        self.instruction = instruction
-        self._calls = 0
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        if batch.num_rows == 0:
-            return RESULT_SCHEMA.empty_table()
-        c = {name: batch.column(name).to_pylist() for name in ("qid", "query", "doc_id", "shard",
-                                                                "first_stage_rank", "stage", "ratio")}
-        ratios = set(c["ratio"])
-        if len(ratios) != 1:
-            raise ValueError(f"a batch mixes ratios {sorted(ratios)}; run one cascade stage per dataset")
-        t0 = time.perf_counter()
-        fetched = self.reader.fetch(c["doc_id"], ratios.pop())
-        t1 = time.perf_counter()
-        ok = [i for i, d in enumerate(c["doc_id"]) if d in fetched.memories]
-        n = batch.num_rows
-        p_yes, margin = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
-        n_vectors = np.zeros(n, np.int32)
-        if ok:
-            mems = [fetched.memories[c["doc_id"][i]] for i in ok]
-            scores = self.reranker.score_memories([c["query"][i] for i in ok], mems, instruction=self.instruction)
-            p_yes[ok], margin[ok] = scores.p_yes, scores.margin
-            n_vectors[ok] = [m.vectors.shape[0] for m in mems]
-        t2 = time.perf_counter()
-        self._calls += 1
-        errors = [None if d in fetched.memories else
-                  fetched.corrupt.get(d, f"doc_id {d!r} is not in store {self.reader.url}") for d in c["doc_id"]]
-        return pa.table({
-            "qid": c["qid"], "doc_id": c["doc_id"], "stage": c["stage"], "ratio": c["ratio"], "shard": c["shard"],
-            "first_stage_rank": c["first_stage_rank"], "p_yes": p_yes, "margin": margin, "n_vectors": n_vectors,
-            "error": errors, "batch": [f"{os.getpid()}-{self._calls}"] * n, "fetch_s": np.full(n, (t1 - t0) / n), "score_s": np.full(n, (t2 - t1) / n),
-        }, schema=RESULT_SCHEMA)
+    fs, path = fsio.fs_for_pyarrow(fsio.join_url(out, runfolder.PREPARED_DIR), storage_options)
+    parts = sorted(int(info.base_name.split("=", 1)[1]) for info in fs.get_file_info(
+        __import__("pyarrow.fs", fromlist=["FileSelector"]).FileSelector(path, allow_not_found=True))
+        if info.base_name.startswith("part="))
+    data = prepared_dataset(out, storage_options)
+    role, file = ds.field("role"), ds.field("file")
+    pairs = data.count_rows(filter=role == PAIR)
+    return {"parts": parts, "input_pairs": pairs + data.count_rows(filter=role == SKIP),
+            "pairs_found": data.count_rows(filter=(role == PAIR) & file.is_valid()), "records": data.count_rows()}
 
 
-def scored_by_query(results: pa.Table) -> dict[str, list[Scored]]:
-    """The successfully scored pairs of a stage's result table, per query, in table order."""
-    out: dict[str, list[Scored]] = {}
-    cols = [results.column(n).to_pylist() for n in ("qid", "doc_id", "p_yes", "margin", "first_stage_rank", "error")]
-    for qid, doc_id, p, m, rank, error in zip(*cols):
-        if error is None:
-            out.setdefault(qid, []).append(Scored(doc_id, float(p), float(m), int(rank)))
-    return out
+# ----- dry run -------------------------------------------------------------------------------------------------
+_TOKENIZERS: dict = {}
 
 
-def stage_cost(results: pa.Table, *, stage: int, ratio: int, k: int, wall_s: float) -> dict:
-    """What a stage cost: pairs, memory vectors attended, store fetch+decode and scoring seconds (summed over
-    actors), the stage's wall-clock seconds (actor start-up included), and how many (actor call, shard) reads
-    happened for how many distinct shards (equal when every shard was read once)."""
-    scored = results.filter(pc.is_null(results.column("error")))
-    fetch_s = float(pc.sum(results.column("fetch_s")).as_py() or 0.0)
-    score_s = float(pc.sum(results.column("score_s")).as_py() or 0.0)
-    return {
-        "stage": stage, "ratio": ratio, "k": k, "pairs": scored.num_rows, "errors": results.num_rows - scored.num_rows,
-        "vectors": int(pc.sum(scored.column("n_vectors")).as_py() or 0),
-        "fetch_decode_s": round(fetch_s, 4), "score_s": round(score_s, 4), "wall_s": round(wall_s, 4),
-        "shards": len(set(results.column("shard").to_pylist())),
-        "shard_reads": len(set(zip(results.column("batch").to_pylist(), results.column("shard").to_pylist()))),
-        "pairs_per_s": round(scored.num_rows / wall_s, 2) if wall_s > 0 else 0.0,
-    }
+def _prompt_len(model: str, instruction: str | None, query_max_length: int):
+    from kalm_batch.reranker import KaLMReranker
+
+    if model not in _TOKENIZERS:
+        _TOKENIZERS.clear()
+        _TOKENIZERS[model] = KaLMReranker(model, query_max_length=query_max_length)  # tokenizer + config only
+    reranker = _TOKENIZERS[model]
+    return lambda text: len(reranker.prompt_ids(text, instruction))
 
 
-# ----- driver side: problem records and outputs ------------------------------------------------------------------
-PROBLEM_FIELDS = ("kind", "qid", "doc_id", "source", "line", "reason")
+def count_records(batch: pa.Table, *, model: str, instruction: str | None, query_max_length: int,
+                  ks: list[int]) -> pa.Table:
+    """Counts of a batch of joined records; per stage s, pairs <= sum over queries of min(K_s, its pairs)."""
+    pairs, queries = _role(batch, PAIR), _role(batch, QUERY)
+    prompt_len = _prompt_len(model, instruction, query_max_length)
+    stage_pairs, stage_tokens = [0] * len(ks), [0] * len(ks)
+    for text, n in zip(queries.column("query").to_pylist(), queries.column("first_stage_rank").to_pylist()):
+        length = prompt_len(text)
+        for i, k in enumerate(ks):
+            stage_pairs[i] += min(k, n)
+            stage_tokens[i] += min(k, n) * length
+    counts = {"queries": queries.num_rows, "pairs": pairs.num_rows, "missing": pairs.column("file").null_count,
+              "no_query": _role(batch, SKIP).num_rows, "stage_pairs": stage_pairs, "stage_prompt_tokens": stage_tokens,
+              "problems": dict(Counter(_role(batch, PROBLEM).column("kind").to_pylist())),
+              "files": sorted(set(pairs.column("file").drop_null().to_pylist()))}
+    return pa.table({"counts": [json.dumps(counts)]})
 
 
-def input_problem(p) -> dict:
-    """A kalm_batch.querylog Problem (malformed line, duplicate pair, no query, no candidates...) as a record."""
-    return {"kind": p.kind, "qid": None, "doc_id": None, "source": p.source, "line": p.line, "reason": p.reason}
+def dry_run_report(cfg, joined, reader, stages, start: float):
+    """Execute the counting pass over the joined records; returns a RerankSummary with ``estimate`` filled."""
+    from kalm_batch.pipelines.cluster import stage_remote_args
+    from kalm_batch.pipelines.rerank import RerankSummary
+
+    ks = [s.k for s in stages]
+    rows = joined.map_batches(count_records, batch_format="pyarrow", batch_size=None, num_cpus=0.5,
+                              fn_kwargs={"model": cfg.model, "instruction": cfg.instruction,
+                                         "query_max_length": cfg.query_max_length, "ks": ks}, **stage_remote_args())
+    total: dict = {"queries": 0, "pairs": 0, "missing": 0, "no_query": 0, "problems": Counter(), "files": set(),
+                   "stage_pairs": [0] * len(ks), "stage_prompt_tokens": [0] * len(ks)}
+    for row in rows.iter_rows():
+        c = json.loads(row["counts"])
+        for key in ("queries", "pairs", "missing", "no_query"):
+            total[key] += c[key]
+        total["problems"].update(c["problems"])
+        total["files"].update(c["files"])
+        for key in ("stage_pairs", "stage_prompt_tokens"):
+            total[key] = [a + b for a, b in zip(total[key], c[key])]
+    seconds = time.perf_counter() - start
+    found = total["pairs"] - total["missing"]
+    summary = reader.summary()
+    per_doc = summary["vectors"] / summary["rows"] if summary.get("vectors") and summary.get("rows") else None
+    per_stage = []
+    for i, s in enumerate(stages):
+        pairs = found if i == 0 else min(found, total["stage_pairs"][i])
+        vectors = round(pairs * per_doc * reader.ratio / s.ratio) if per_doc else None
+        scale = pairs / total["stage_pairs"][i] if total["stage_pairs"][i] else 0.0
+        prompt = round(total["stage_prompt_tokens"][i] * scale)
+        per_stage.append({"stage": i + 1, "ratio": s.ratio, "k": s.k, "pairs": pairs, "vectors": vectors,
+                          "decoder_tokens": prompt + vectors if vectors is not None else None,
+                          "prompt_tokens": prompt, "vectors_note": "estimated from the store's mean vectors per doc"})
+    estimate = {"queries": total["queries"], "input_pairs": total["pairs"] + total["no_query"],
+                "pairs_in_store": found, "pairs_doc_missing": total["missing"], "pairs_no_query": total["no_query"],
+                "store_files_touched": len(total["files"]), "problems": dict(sorted(total["problems"].items())),
+                "stages": per_stage, "seconds": round(seconds, 3),
+                "seconds_per_million_pairs": round(seconds / max(total["pairs"], 1) * 1e6, 2)}
+    return RerankSummary(out=cfg.out, dry_run=True, store=summary, stages=per_stage, input_pairs=estimate["input_pairs"],
+                         pairs_scored=0, skipped_pairs=total["missing"] + total["no_query"],
+                         skipped={"doc_not_in_store": total["missing"], "no_query": total["no_query"]},
+                         pairs_per_s=0.0, wall_s=round(seconds, 3), fetch_decode_s=0.0, score_s=0.0,
+                         fetch_decode_share=0.0, queries_ranked=0, problems=estimate["problems"], estimate=estimate)
 
 
-def missing_doc(candidates_url: str, store_url: str, qid: str, doc_id: str) -> dict:
-    return {"kind": "doc_not_in_store", "qid": qid, "doc_id": doc_id, "source": candidates_url, "line": None,
-            "reason": f"candidate ({qid!r}, {doc_id!r}): doc_id {doc_id!r} is not in store {store_url}; skipped "
-                      "(encode it into the store to rerank it)"}
-
-
-def error_records(results: pa.Table, store_url: str) -> list[dict]:
-    """Pairs a stage could not score (corrupt store record); the reason names shard, row and doc_id."""
-    bad = results.filter(pc.invert(pc.is_null(results.column("error"))))
-    return [{"kind": "corrupt_record" if "not in store" not in e else "doc_not_in_store", "qid": q, "doc_id": d,
-             "source": store_url, "line": None, "reason": f"candidate ({q!r}, {d!r}) skipped: {e}"}
-            for q, d, e in zip(*(bad.column(n).to_pylist() for n in ("qid", "doc_id", "error")))]
-
-
-def scores_table(ranking: dict, joined: Sequence[tuple]) -> pa.Table:
-    """scores.parquet: one row per ranked candidate, best first within each query."""
-    first = {(qid, doc): (rank, score) for qid, _, doc, rank, score in joined}
-    rows = [(qid, p.scored.doc_id, p.scored.p_yes, p.scored.margin, p.rank, *first[(qid, p.scored.doc_id)], p.stage)
-            for qid, placed in ranking.items() for p in placed]
-    names = ["qid", "doc_id", "score", "margin", "rank", "first_stage_rank", "first_stage_score", "stage"]
-    types = [pa.string(), pa.string(), pa.float32(), pa.float32(), pa.int32(), pa.int32(), pa.float64(), pa.int16()]
-    cols = list(zip(*rows)) if rows else [[] for _ in names]
-    return pa.table({n: pa.array(c, t) for n, c, t in zip(names, cols, types)})
-
-
-def _tsv_cell(value) -> str:
-    return "" if value is None else str(value).replace("\t", " ").replace("\r", " ").replace("\n", " ")
-
-
-def write_outputs(out: str, ranking: dict, joined: Sequence[tuple], problems: list[dict], stages, *, tag: str,
-                  storage_options: dict | None = None) -> dict[str, str]:
-    """scores.parquet, run.trec, problems.jsonl and skipped.tsv under ``out`` (each atomically); returns their URLs."""
-    import io
-    import json
-
-    import pyarrow.parquet as pq
-
-    from kalm_batch import fsio
-    from kalm_batch.querylog import write_trec_run
-
-    urls = {name: fsio.join_url(out, f) for name, f in (("scores", "scores.parquet"), ("run", "run.trec"),
-            ("problems", "problems.jsonl"), ("skipped", "skipped.tsv"), ("summary", "summary.json"))}
-    buf = io.BytesIO()
-    table = scores_table(ranking, joined)
-    pq.write_table(table.append_column("ratio", pa.array([stages[s - 1].ratio for s in
-                                                            table.column("stage").to_pylist()], pa.int16())), buf)
-    fsio.write_bytes_atomic(urls["scores"], buf.getvalue(), storage_options)
-    run_rows = [(qid, p.scored.doc_id, p.rank, p.run_score) for qid, placed in ranking.items() for p in placed]
-    write_trec_run(run_rows, urls["run"], tag=tag, storage_options=storage_options)
-    lines = "".join(json.dumps(p, ensure_ascii=False, sort_keys=True) + "\n" for p in problems)
-    fsio.write_bytes_atomic(urls["problems"], lines.encode("utf-8", "surrogatepass"), storage_options)
-    tsv = "\t".join(PROBLEM_FIELDS) + "\n" + "".join(
-        "\t".join(_tsv_cell(p[f]) for f in PROBLEM_FIELDS) + "\n" for p in problems)
-    fsio.write_bytes_atomic(urls["skipped"], tsv.encode("utf-8", "surrogatepass"), storage_options)
-    return urls
-
-
-def write_metrics(out: str, qrels_url: str, joined: Sequence[tuple], ranking: dict, per_stage: list, stages,
-                  storage_options: dict | None = None) -> dict:
-    """metrics.json: first stage (score = -rank, its own order) vs each cascade stage vs the final reranked run."""
-    from kalm_batch import fsio
-    from kalm_batch.metrics import DEFAULT_MEASURES, compare_runs, format_table
-    from kalm_batch.querylog import read_qrels
-
-    runs: dict[str, dict[str, dict[str, float]]] = {"first-stage": {}}
-    for qid, _, doc, rank, _ in joined:
-        runs["first-stage"].setdefault(qid, {})[doc] = -float(rank)
-    if len(stages) > 1:
-        for i, (stage, scored) in enumerate(zip(stages, per_stage), start=1):
-            runs[f"stage{i}-r{stage.ratio}-k{stage.k}"] = {
-                qid: {s.doc_id: s.margin for s in items} for qid, items in scored.items()}
-    runs["reranked"] = {qid: {p.scored.doc_id: p.run_score for p in placed} for qid, placed in ranking.items()}
-    results = compare_runs(runs, read_qrels(qrels_url, storage_options))
-    metrics = {"measures": list(DEFAULT_MEASURES), "qrels": qrels_url, "runs": results,
-               "table": format_table(results)}
-    fsio.write_json_atomic(fsio.join_url(out, "metrics.json"), metrics, storage_options)
-    return metrics
+# ----- summary -------------------------------------------------------------------------------------------------
+def add_counters(counters: list[dict], stages, score_wall: float) -> dict:
+    """The partitions' counters added up: pairs, skipped and problems by kind, per-stage costs, per-actor busy time,
+    per-run metric sums (a list of per-partition sums per run name)."""
+    skipped, problems = Counter(), Counter()
+    per_stage = [defaultdict(float) for _ in stages]
+    actors: dict[str, dict] = {}
+    metrics: dict[str, list[dict]] = defaultdict(list)
+    for c in counters:
+        skipped.update(c["skipped"])
+        problems.update(c["problems"])
+        for acc, cost in zip(per_stage, c["costs"]):
+            for key in ("pairs", "errors", "vectors", "files", "fetch_decode_s", "score_s"):
+                acc[key] += cost[key]
+        a = actors.setdefault(c["actor"], {"actor": c["actor"], "partitions": 0, "busy_s": 0.0,
+                                           "started": c["actor_started"], "finished": c["finished"]})
+        a["partitions"] += 1
+        a["busy_s"] += c["busy_s"]
+        a["finished"] = max(a["finished"], c["finished"])
+        for name, sums in (c.get("metrics") or {}).items():
+            metrics[name].append(sums)
+    stage_rows = [{"stage": i + 1, "ratio": s.ratio, "k": s.k, **{k: (round(v, 4) if isinstance(v, float) and
+                   k.endswith("_s") else int(v)) for k, v in acc.items()}} for i, (s, acc) in
+                  enumerate(zip(stages, per_stage))]
+    for row in stage_rows:
+        row.setdefault("pairs", 0)
+        row.setdefault("vectors", 0)
+    actor_rows = [{"actor": a["actor"], "partitions": a["partitions"], "busy_s": round(a["busy_s"], 3),
+                   "busy_share": round(a["busy_s"] / max(a["finished"] - a["started"], 1e-9), 3)}
+                  for a in actors.values()]
+    return {"stages": stage_rows, "input_pairs": sum(c["input_pairs"] for c in counters),
+            "pairs_scored": sum(c["pairs_scored"] for c in counters), "skipped_pairs": sum(skipped.values()),
+            "skipped": dict(sorted(skipped.items())), "problems": dict(sorted(problems.items())),
+            "queries_ranked": sum(c["queries_ranked"] for c in counters),
+            "run_lines": sum(c["run_lines"] for c in counters), "actors": actor_rows, "metrics": dict(metrics),
+            "write_s": round(sum(c.get("write_s", 0.0) for c in counters), 4),
+            "fetch_decode_s": sum(r.get("fetch_decode_s", 0.0) for r in stage_rows),
+            "score_s": sum(r.get("score_s", 0.0) for r in stage_rows)}
