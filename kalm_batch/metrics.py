@@ -8,7 +8,8 @@ measure, so a reranker that drops queries is penalised rather than flattered.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ir_measures
 
@@ -106,3 +107,22 @@ def eval_files(
 ) -> dict[str, float]:
     """Evaluate a TREC run file against a qrels file (BEIR TSV or TREC format)."""
     return evaluate_run(read_run(run_url, storage_options), read_qrels(qrels_url, storage_options), measures)
+
+
+def per_query(run: Run, qrels: Qrels, measures: Sequence[str] = DEFAULT_MEASURES) -> dict[str, dict[str, float]]:
+    """``{measure: {qid: value}}`` over every judged query, with :func:`evaluate_run`'s conventions.
+
+    A judged query that the run lacks scores 0; unjudged run queries are ignored. The mean of each measure's values
+    equals ``evaluate_run(run, qrels, measures)[measure]``. Paired comparisons of runs (kalm_batch.sweep) use these.
+    """
+    by_measure = _parse_measures(measures)
+    judged = {qid: {doc: int(rel) for doc, rel in docs.items()} for qid, docs in qrels.items() if docs}
+    if not judged:
+        raise ValueError("per_query: qrels contain no judgements; pass the qrels of the evaluated queries")
+    values = {name: dict.fromkeys(judged, 0.0) for name in by_measure.values()}
+    sub_run = {qid: {doc: float(s) for doc, s in run[qid].items()} for qid in judged if run.get(qid)}
+    if sub_run:
+        for metric in ir_measures.iter_calc(list(by_measure), judged, sub_run):
+            if metric.query_id in sub_run:
+                values[by_measure[metric.measure]][metric.query_id] = float(metric.value)
+    return values
