@@ -34,7 +34,8 @@ CASCADE = "8:8,4:4"
 
 
 @pytest.fixture(scope="module")
-def ray_session():
+def ray_session(s3_server):
+    """Started after the S3 server so the workers inherit its AWS_* endpoint; shut down after the module."""
     import ray
 
     from kalm_batch.pipelines.cluster import init_ray
@@ -196,22 +197,24 @@ def test_sample_queries_is_deterministic_for_a_seed(data, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.s3
 @pytest.mark.slow
-def test_sampled_sweep_through_the_cli(ray_session, data, tmp_path, capsys):
-    out = tmp_path / "sampled"
+def test_sampled_sweep_through_the_cli_onto_s3(ray_session, s3_bucket, data, capsys):
+    out = f"{s3_bucket}/sampled"
     args = ["sweep", "--model", data["model"], "--store", data["store"], "--queries", data["queries"],
             "--candidates", data["candidates"], "--qrels", data["qrels"], "--out", str(out), "--top-k", str(TOP_K),
             "--ratios", "8", "--sample-queries", "3", "--seed", "1", "--dtype", "float32", "--num-cpus", "2",
             "--bootstrap", "500"]
     assert cli_main(args) == 0
     assert f"plot: {out}/sweep.png" in capsys.readouterr().out
-    report = json.loads((out / "sweep.json").read_text())
+    report = json.loads(fsio.read_bytes(f"{out}/sweep.json"))
+    assert _png_size(fsio.read_bytes(f"{out}/sweep.png")) == (1100, 450)
     want = list(plan_sweep(_sweep_config(data, out, sample_queries=3, seed=1)).qrels)
     assert report["sampled"] and report["sample"] == {"n": 3, "of": 8, "seed": 1}
     assert sorted(report["queries"]) == sorted(want)
     scores, _ = read_rerank_output(report["settings"][0]["out"])
     assert set(scores.column("qid").to_pylist()) == set(want)
-    assert "random **sample** of 3 of the 8" in (out / "sweep.md").read_text()
+    assert "random **sample** of 3 of the 8" in fsio.read_bytes(f"{out}/sweep.md").decode()
 
 
 def test_read_rerank_output_accepts_a_scores_dataset(tmp_path):
