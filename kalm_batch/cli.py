@@ -107,6 +107,16 @@ def _rerank(ns) -> int:
     return 0
 
 
+def _sweep(ns) -> int:
+    from kalm_batch.sweep import config_from_args, run_sweep
+
+    report = run_sweep(config_from_args(ns))
+    print(f"sweep: best {report['ranked_by']} {report['best']}; table {report['outputs']['sweep.md']}")
+    print(f"plot: {report['outputs']['plot']}" if "plot" in report["outputs"] else
+          "plot: not drawn (matplotlib missing): pip install 'kalm-batch[plot]'")
+    return 0
+
+
 def _eval(ns) -> int:
     from kalm_batch.metrics import format_table
     from kalm_batch.pipelines.rerank import run_eval
@@ -210,6 +220,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
         add_rerank_arguments(s)
     s.set_defaults(fn=_rerank)
+
+    s = sub.add_parser("sweep", help="rerank the same pairs at several ratios/cascades from one store; quality vs "
+                                     "cost vs bytes table and plot")
+    if command == "sweep":
+        from kalm_batch.sweep import add_sweep_arguments
+
+        add_sweep_arguments(s)
+    s.set_defaults(fn=_sweep)
 
     s = sub.add_parser("eval", help="nDCG@10 / RR@10 / R@100 of a TREC run (ir-measures)")
     s.add_argument("--run", required=True, help="a TREC run file, or a committed rerank output folder (its run.trec)")

@@ -43,6 +43,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel])
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typ is dict or typing.get_origin(typ) is dict:
             kwargs["type"] = _parse_json
+        elif typing.get_origin(typ) is list:  # --flag A B ... (the config's validator may split further)
+            kwargs["type"], kwargs["nargs"] = str, "+"
         else:
             kwargs["type"] = typ if typ in (int, float, str) else str
             if choices:

@@ -8,7 +8,8 @@ measure, so a reranker that drops queries is penalised rather than flattered.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ir_measures
 
@@ -108,19 +109,34 @@ def eval_files(
     return evaluate_run(read_run(run_url, storage_options), read_qrels(qrels_url, storage_options), measures)
 
 
-def per_query_sums(run: Run, qrels: Qrels, measures: Sequence[str] = DEFAULT_MEASURES) -> dict[str, float]:
-    """Sums of per-query measure values over the judged queries of ``qrels`` (a judged query the run lacks adds 0),
-    plus ``"n_queries"``: the parts that ``mean_of_sums`` turns into ``evaluate_run``'s result. Lets workers compute
-    metrics for their own queries; the driver only adds the sums."""
+def per_query(run: Run, qrels: Qrels, measures: Sequence[str] = DEFAULT_MEASURES) -> dict[str, dict[str, float]]:
+    """``{measure: {qid: value}}`` over every judged query, with :func:`evaluate_run`'s conventions.
+
+    A judged query that the run lacks scores 0; unjudged run queries are ignored. The mean of each measure's values
+    equals ``evaluate_run(run, qrels, measures)[measure]``. Paired comparisons of runs (kalm_batch.sweep) use these.
+    """
     by_measure = _parse_measures(measures)
     judged = {qid: {doc: int(rel) for doc, rel in docs.items()} for qid, docs in qrels.items() if docs}
-    sums = dict.fromkeys(by_measure.values(), 0.0)
+    if not judged:
+        raise ValueError("per_query: qrels contain no judgements; pass the qrels of the evaluated queries")
+    values = {name: dict.fromkeys(judged, 0.0) for name in by_measure.values()}
     sub_run = {qid: {doc: float(s) for doc, s in run[qid].items()} for qid in judged if run.get(qid)}
     if sub_run:
         for metric in ir_measures.iter_calc(list(by_measure), judged, sub_run):
             if metric.query_id in sub_run:
-                sums[by_measure[metric.measure]] += float(metric.value)
-    sums["n_queries"] = len(judged)
+                values[by_measure[metric.measure]][metric.query_id] = float(metric.value)
+    return values
+
+
+def per_query_sums(run: Run, qrels: Qrels, measures: Sequence[str] = DEFAULT_MEASURES) -> dict[str, float]:
+    """Sums of per-query measure values over the judged queries of ``qrels`` (a judged query the run lacks adds 0),
+    plus ``"n_queries"``: the parts that ``mean_of_sums`` turns into ``evaluate_run``'s result. Lets workers compute
+    metrics for their own queries; the driver only adds the sums."""
+    n_judged = sum(1 for docs in qrels.values() if docs)
+    if not n_judged:
+        return {**dict.fromkeys(_parse_measures(measures).values(), 0.0), "n_queries": 0}
+    sums: dict[str, float] = {m: float(sum(v.values())) for m, v in per_query(run, qrels, measures).items()}
+    sums["n_queries"] = n_judged
     return sums
 
 

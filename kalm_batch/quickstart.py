@@ -1,4 +1,5 @@
-"""End to end on the embedded default: tiny model -> sample corpus -> encode (Ray) -> BM25 -> rerank (Ray) -> metrics.
+"""End to end on the embedded default: tiny model -> sample corpus -> encode (Ray) -> BM25 -> rerank (Ray) -> metrics
+-> a small sweep (r=4 vs r=8 from the same store: table and plot).
 
 Everything runs locally: a local Ray, local files (or, with ``s3=True``, a moto S3 server on 127.0.0.1), the tiny
 random model. Scores of a random model are not meaningful — the point is that every stage runs as it would on a
@@ -50,4 +51,17 @@ def run_quickstart(out: str, *, s3: bool = False, max_docs: int = 300, n_queries
         summary = run_rerank(RerankConfig(model=str(model), store=store, queries=sample.queries_path,
                                           candidates=bm25, out=f"{base}/reranked", top_k=50, qrels=sample.qrels_path))
         print(f"rerank: {summary.pairs_scored} pairs at {summary.pairs_per_s} pairs/s; outputs in {summary.out}")
-        return {"encode": enc.model_dump(), "rerank": summary.model_dump()}
+        sweep = _small_sweep(str(model), store, sample, bm25, str(root / "sweep"))
+        return {"encode": enc.model_dump(), "rerank": summary.model_dump(), "sweep": sweep}
+
+
+def _small_sweep(model: str, store: str, sample, candidates: str, out: str) -> dict:
+    """Two ratios of the same store (r0 = 4 and 8) on the same pairs: the table and the plot to choose r from."""
+    from kalm_batch.sweep import SweepConfig, run_sweep
+
+    report = run_sweep(SweepConfig(model=model, store=store, queries=sample.queries_path, candidates=candidates,
+                                   qrels=sample.qrels_path, out=out, ratios=[4, 8], top_k=50))
+    print(f"sweep (r=4 vs r=8, same pairs): table {report['outputs']['sweep.md']}")
+    print(f"sweep plot: {report['outputs']['plot']}" if "plot" in report["outputs"] else
+          "sweep plot: not drawn (matplotlib missing): pip install 'kalm-batch[plot]'")
+    return report
