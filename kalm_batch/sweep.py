@@ -246,18 +246,12 @@ def rerank_config(cfg: SweepConfig, setting: Setting, inputs: dict[str, str]):
 
 
 def read_rerank_output(out: str, storage_options: dict | None = None):
-    """(scores table, run) of one rerank run: ``scores.parquet`` (one file) or ``scores/`` (a Parquet dataset whose
-    ``_``-prefixed marker files pyarrow skips), and ``run.trec``."""
-    import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
+    """(scores table, run) of one committed rerank run folder (``scores/`` dataset and ``run.trec``); an uncommitted
+    folder is refused (kalm_batch.runfolder)."""
+    from kalm_batch.runfolder import read_scores
 
-    run = read_run(fsio.join_url(out, "run.trec"), storage_options)
-    single = fsio.join_url(out, "scores.parquet")
-    if fsio.exists(single, storage_options):
-        with fsio.open_input(single, storage_options) as f:
-            return pq.read_table(f), run
-    filesystem, path = fsio.fs_for_pyarrow(fsio.join_url(out, "scores"), storage_options)
-    return pads.dataset(path, filesystem=filesystem, format="parquet").to_table(), run
+    scores = read_scores(out, storage_options)
+    return scores, read_run(fsio.join_url(out, "run.trec"), storage_options)
 
 
 def _work(summary, scores, prompt_tokens: dict[str, int]) -> dict:

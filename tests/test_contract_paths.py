@@ -8,13 +8,11 @@ rewrites of the store and pipeline internals.
 
 from __future__ import annotations
 
-import io
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from kalm_batch import KaLMReranker, fsio
@@ -44,8 +42,10 @@ def _free_port() -> int:
 
 
 def job_scores(out: str) -> dict[tuple[str, str], float]:
-    """{(qid, doc_id): P(yes)} from the rerank job's scores.parquet."""
-    table = pq.read_table(io.BytesIO(fsio.read_bytes(fsio.join_url(out, "scores.parquet"))))
+    """{(qid, doc_id): P(yes)} from the rerank job's committed scores/ dataset."""
+    from kalm_batch.runfolder import read_scores
+
+    table = read_scores(out)
     cols = table.to_pydict()
     return {(q, d): s for q, d, s in zip(cols["qid"], cols["doc_id"], cols["score"])}
 

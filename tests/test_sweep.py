@@ -217,19 +217,21 @@ def test_sampled_sweep_through_the_cli_onto_s3(ray_session, s3_bucket, data, cap
     assert "random **sample** of 3 of the 8" in fsio.read_bytes(f"{out}/sweep.md").decode()
 
 
-def test_read_rerank_output_accepts_a_scores_dataset(tmp_path):
-    """The rerank job's outputs moving from scores.parquet to a scores/ dataset with a commit marker."""
+def test_read_rerank_output_reads_a_committed_scores_dataset(tmp_path):
+    """The rerank job's scores/ dataset (several parts) and run.trec; a folder without the commit marker is refused."""
+    from kalm_batch.runfolder import COMMIT_MARKER, UncommittedOutputError
+
     table = pa.table({"qid": ["a", "a", "b"], "doc_id": ["x", "y", "x"], "stage": pa.array([1, 1, 1], pa.int16())})
     (tmp_path / "run.trec").write_text("a Q0 x 1 0.9 t\na Q0 y 2 0.5 t\nb Q0 x 1 0.7 t\n")
     (tmp_path / "scores").mkdir()
     pq.write_table(table.slice(0, 2), tmp_path / "scores" / "part-0.parquet")
     pq.write_table(table.slice(2), tmp_path / "scores" / "part-1.parquet")
-    (tmp_path / "scores" / "_COMMITTED").write_text("{}")
+    with pytest.raises(UncommittedOutputError, match="no committed rerank run"):
+        read_rerank_output(str(tmp_path))
+    (tmp_path / COMMIT_MARKER).write_text("{}")
     scores, run = read_rerank_output(str(tmp_path))
     assert scores.sort_by("qid").to_pylist() == table.to_pylist() and run == {"a": {"x": 0.9, "y": 0.5},
                                                                               "b": {"x": 0.7}}
-    pq.write_table(table, tmp_path / "scores.parquet")  # the one-file layout wins when present
-    assert read_rerank_output(str(tmp_path))[0].num_rows == 3
 
 
 def test_per_query_means_are_the_aggregate_metrics():
