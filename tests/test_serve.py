@@ -40,16 +40,14 @@ def _free_port() -> int:
 
 
 def _corrupt_record(store: Path, doc_id: str) -> None:
-    """Flip one byte of ``doc_id``'s memory payload in place (row positions, hence the index, stay the same)."""
-    for shard in (store / "shards").glob("*.parquet"):
-        table = pq.read_table(shard)
-        ids = table.column("doc_id").to_pylist()
-        if doc_id in ids:
-            row = ids.index(doc_id)
-            payloads = table.column("memory").to_pylist()
-            payloads[row] = bytes([payloads[row][0] ^ 0xFF]) + payloads[row][1:]
-            i = table.schema.get_field_index("memory")
-            pq.write_table(table.set_column(i, table.schema.field(i), [payloads]), shard, row_group_size=64)
+    """Flip one byte of ``doc_id``'s memory payload in place in its data file (the byte-range index stays valid)."""
+    for index_file in (store / "_kalm" / "index").glob("*.parquet"):
+        index = pq.read_table(index_file).to_pylist()
+        row = next((r for r in index if r["doc_id"] == doc_id), None)
+        if row is not None:
+            data = bytearray((store / row["file"]).read_bytes())
+            data[row["offset"]] ^= 0xFF
+            (store / row["file"]).write_bytes(bytes(data))
             return
     raise AssertionError(f"{doc_id} not found in {store}")
 
