@@ -11,9 +11,9 @@ from kalm_batch.cliutil import add_model_arguments, model_from_args
 
 
 def _tiny_model(ns) -> int:
-    from kalm_batch.tiny import write_random_model
-
     import torch
+
+    from kalm_batch.tiny import write_random_model
 
     out = write_random_model(ns.out_dir, shape=ns.shape, seed=ns.seed,
                              dtype=torch.bfloat16 if ns.shape == "nano" else torch.float32)

@@ -7,8 +7,8 @@ official API — are built from these two halves, so there is one scoring code p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch

@@ -21,7 +21,7 @@ def test_light_modules_do_not_import_torch_or_transformers(module):
 
 def test_package_facade_still_exports_the_public_names():
     import kalm_batch
-    import kalm_batch.store as store
+    from kalm_batch import store
 
     for name in kalm_batch.__all__:
         assert getattr(kalm_batch, name) is not None

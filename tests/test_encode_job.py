@@ -28,8 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
-    from kalm_batch.pipelines.cluster import init_ray
     import ray
+
+    from kalm_batch.pipelines.cluster import init_ray
 
     init_ray(None, num_cpus=2)
     yield
@@ -42,8 +43,8 @@ def sample(tmp_path_factory):
 
 
 def _cfg(model, corpus, store, **kw) -> EncodeConfig:
-    base = dict(model=str(model), corpus=corpus, store=store, max_length=MAX_LEN, dtype="float32",
-                shard_rows=16, rows_per_task=16)
+    base = {"model": str(model), "corpus": corpus, "store": store, "max_length": MAX_LEN, "dtype": "float32",
+                "shard_rows": 16, "rows_per_task": 16}
     base.update(kw)
     return EncodeConfig(**base)
 

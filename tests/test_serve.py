@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from kalm_batch import KaLMReranker
+from kalm_batch.reranker import Memory
 from kalm_batch.serve.schemas import ServeConfig
 from kalm_batch.serve.scorer import BatchLimits, TextMemoryCache, _Chunk
-from kalm_batch.reranker import Memory
 
 pytestmark = [pytest.mark.serve, pytest.mark.ray]
 
@@ -255,7 +255,7 @@ def test_concurrent_requests_are_batched_together(client, served):
 
 def test_batch_limits_count_pairs_and_chunks():
     limits = BatchLimits(max_batch_size=2, max_pairs_per_batch=10)
-    chunk = lambda n: _Chunk(0, [[1]] * n, [], limits)  # noqa: E731
+    chunk = lambda n: _Chunk(0, [[1]] * n, [], limits)
     assert limits.size([chunk(4), chunk(5)]) == 9
     assert limits.size([chunk(4), chunk(7)]) == 11  # over the pair budget: serve.batch defers the second chunk
     assert limits.size([chunk(1), chunk(1), chunk(1)]) == 11  # over the chunk count
@@ -345,8 +345,9 @@ def test_request_id_is_echoed(client):
 
 
 def test_store_from_another_model_refuses_to_start(ray_serve, served, tiny_model_dir, tmp_path):
-    from kalm_batch.serve import run_serve
     from kalm_batch.store.manifest import StoreMismatchError
+
+    from kalm_batch.serve import run_serve
     from kalm_batch.store.writer import build_store
     from kalm_batch.tiny import write_random_model
 
