@@ -166,7 +166,8 @@ def test_serve_over_an_s3_store_equals_the_rerank_job(ray_local, serve_port, sto
 
 def test_serve_refuses_a_store_made_with_other_weights_of_the_same_config(ray_local, serve_port, inputs,
                                                                          tiny_model_dir, tmp_path):
-    from kalm_batch.serve import ServeConfig, ServeStartError, run_serve
+    from kalm_batch.serve import ServeConfig, run_serve
+    from kalm_batch.store import StoreMismatchError
     from kalm_batch.tiny import write_random_model
 
     other = write_random_model(tmp_path / "other-weights", shape="tiny", seed=1)
@@ -181,7 +182,7 @@ def test_serve_refuses_a_store_made_with_other_weights_of_the_same_config(ray_lo
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(run_serve, cfg, False)
         try:
-            with pytest.raises(ServeStartError, match="StoreMismatchError") as info:
+            with pytest.raises(StoreMismatchError, match="weights_sha256") as info:  # refused before deploying
                 future.result(timeout=240)  # bounded: a hang is a failure, not a stuck suite
         finally:
             ray_local.delete("contract-mismatch", _blocking=False)
