@@ -110,14 +110,18 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=40)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--shape", choices=["tiny", "nano"], default="tiny")
+    ap.add_argument("--tables", choices=["both", "batched", "coarsen"], default="both",
+                    help="which table to print (the batched one runs bf16/fp16, slow on CPUs without native bf16)")
     ns = ap.parse_args()
     model_dir = tiny_model_dir() if ns.shape == "tiny" else nano_model_dir()
     queries, docs = corpus(ns.queries, ns.docs)
     t0 = time.perf_counter()
     print(f"# {ns.shape} model, {ns.queries} queries x {ns.docs} passages, max_length {ns.max_length}; {machine()}")
-    print("\n".join(batched_table(model_dir, queries, docs, ns.max_length)))
-    print()
-    print("\n".join(coarsen_table(model_dir, queries, docs, ns.max_length)))
+    if ns.tables in ("both", "batched"):
+        print("\n".join(batched_table(model_dir, queries, docs, ns.max_length)))
+        print()
+    if ns.tables in ("both", "coarsen"):
+        print("\n".join(coarsen_table(model_dir, queries, docs, ns.max_length)))
     print(f"\n({time.perf_counter() - t0:.0f} s)")
 
 
