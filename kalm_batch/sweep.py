@@ -278,10 +278,12 @@ def run_setting(cfg: SweepConfig, plan: SweepPlan, setting: Setting, inputs: dic
     log.info("sweep: %s -> %s", setting.name, rcfg.out)
     summary = run_rerank(rcfg)
     scores, run = read_rerank_output(rcfg.out, cfg.storage_options)
-    if sum(scores.column("stage").to_pylist()) != summary.pairs_scored:
+    stage_pairs = sum(int(s.get("pairs", 0)) for s in summary.stages)  # decoder calls: a doc once per stage reached
+    if sum(scores.column("stage").to_pylist()) != stage_pairs or scores.num_rows != summary.pairs_scored:
         raise RuntimeError(f"{rcfg.out}: scores hold {scores.num_rows} documents whose stages sum to "
                            f"{sum(scores.column('stage').to_pylist())} pairs, but the summary says "
-                           f"{summary.pairs_scored} were scored; the run's outputs are inconsistent")
+                           f"{summary.pairs_scored} documents and {stage_pairs} stage pairs were scored; the run's "
+                           "outputs are inconsistent")
     return {"setting": setting.name, "slug": setting.slug, "ratio": setting.ratio, "cascade": setting.cascade,
             "store_ratio": setting.finest, "out": rcfg.out, "per_query": per_query(run, plan.qrels, MEASURES),
             **_work(summary, scores, prompt_tokens)}

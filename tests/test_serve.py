@@ -142,7 +142,7 @@ def test_jina_raw_texts_match_predict(client, served):
                                         "top_n": 3, "return_documents": True})
     assert resp.status_code == 200, resp.text
     body = resp.json()
-    want = ref.predict([("thread", t) for t in texts])
+    want = np.asarray(ref.predict([("thread", t) for t in texts]))  # predict returns list[float]
     assert len(body["results"]) == 3 and body["usage"]["total_tokens"] > 0
     for r in body["results"]:
         assert abs(r["relevance_score"] - want[r["index"]]) < TOL
@@ -345,9 +345,8 @@ def test_request_id_is_echoed(client):
 
 
 def test_store_from_another_model_refuses_to_start(ray_serve, served, tiny_model_dir, tmp_path):
-    from kalm_batch.store.manifest import StoreMismatchError
-
     from kalm_batch.serve import run_serve
+    from kalm_batch.store import StoreMismatchError
     from kalm_batch.store.writer import build_store
     from kalm_batch.tiny import write_random_model
 
