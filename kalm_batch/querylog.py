@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -169,6 +170,12 @@ def read_queries(url: str, storage_options: dict[str, Any] | None = None) -> Que
 
 
 def _query_from_json(line: str) -> tuple[str | None, Any] | str:
+    parsed = query_fields_json(line)
+    return parsed if isinstance(parsed, str) else (_as_id(parsed[0]), parsed[1])
+
+
+def query_fields_json(line: str) -> tuple[Any, Any] | str:
+    """(raw qid value, text) of a BEIR queries.jsonl line, or the reason it is malformed."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -179,7 +186,7 @@ def _query_from_json(line: str) -> tuple[str | None, Any] | str:
     text = record.get("text", record.get("query"))
     if qid is None or text is None:
         return "needs '_id' (or 'qid') and 'text' (or 'query') fields"
-    return _as_id(qid), text
+    return qid, text
 
 
 def _query_from_tsv(line: str) -> tuple[str | None, str] | str:

@@ -178,19 +178,10 @@ def _query_rows(chunks: _Chunks, storage_options) -> Iterator[pa.Table | None]:
 
 
 def _query_fields_json(line: str):
-    """Like querylog's JSON query parser, but the raw qid value is kept (validated by _query)."""
-    import json
+    """querylog's JSON query parser, keeping the raw qid value (validated by _query)."""
+    from kalm_batch.querylog import query_fields_json
 
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        return f"not valid JSON ({exc.msg} at column {exc.colno})"
-    if not isinstance(record, dict):
-        return "expected a JSON object with '_id' and 'text'"
-    qid, text = record.get("_id", record.get("qid")), record.get("text", record.get("query"))
-    if qid is None or text is None:
-        return "needs '_id' (or 'qid') and 'text' (or 'query') fields"
-    return qid, text
+    return query_fields_json(line)
 
 
 def _query(chunks: _Chunks, line: int, qid: Any, text: Any) -> pa.Table | None:
