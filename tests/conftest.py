@@ -48,6 +48,24 @@ def s3_bucket(s3_server: LocalS3) -> str:
     return s3_server.create_bucket(f"kalm-test-{next(_S3_BUCKET_IDS)}")
 
 
+
+# A module-scoped local Ray (2 CPUs) started after the S3 server; shared by the rerank job and sweep tests.
+
+
+@pytest.fixture(scope="module")
+def ray_session(s3_server):
+    """Started after the S3 server so the workers inherit its AWS_* endpoint; shut down after the module."""
+    import ray
+
+    from kalm_batch.pipelines.cluster import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(None, num_cpus=2)
+    yield
+    ray.shutdown()
+
+
 # =============================================================================== end of S3 fixtures
 
 

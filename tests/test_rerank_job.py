@@ -29,20 +29,6 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def ray_session(s3_server):
-    """Started after the S3 server so the workers inherit its AWS_* endpoint; shut down after the module."""
-    import ray
-
-    from kalm_batch.pipelines.cluster import init_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(None, num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def scorer(tiny_model_dir):
     return KaLMReranker(str(tiny_model_dir), dtype="float32", chunk_size=4, max_length=128)
 

@@ -34,20 +34,6 @@ CASCADE = "8:8,4:4"
 
 
 @pytest.fixture(scope="module")
-def ray_session(s3_server):
-    """Started after the S3 server so the workers inherit its AWS_* endpoint; shut down after the module."""
-    import ray
-
-    from kalm_batch.pipelines.cluster import init_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(None, num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory, tiny_model_dir):
     """A sample corpus with BM25 candidates and a float32 store at r0 = 4 (scores are exact, so runs repeat)."""
     root = tmp_path_factory.mktemp("sweep-data")
