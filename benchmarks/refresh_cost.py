@@ -59,10 +59,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=60)
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--dtype", default="float32", help="compute dtype (bf16 is emulated, slow, on CPUs without it)")
     ns = ap.parse_args()
     work = tempfile.mkdtemp(prefix="kalm-refresh-")
     old, new = corpora(ns.docs, work + "/corpus")
-    rr = KaLMReranker(str(nano_model_dir()), chunk_size=4, max_length=ns.max_length, dtype="bfloat16")
+    rr = KaLMReranker(str(nano_model_dir()), chunk_size=4, max_length=ns.max_length, dtype=ns.dtype)
     rr.encode(["warm up the encoder"])
     store = f"{work}/store"
     build_store(store, rr, old, shard_rows=16)
@@ -77,7 +78,7 @@ def main() -> None:
     full = {"wall_s": round(time.perf_counter() - t, 2), "encoder_s": round(full_enc.seconds, 2),
             "encoded": full_enc.texts}
     assert len(open_store(store)) == len(open_store(f"{work}/full")) == len(new)
-    print(json.dumps({"machine": machine(), "docs": ns.docs, "corpus_after": len(new), "max_length": ns.max_length,
+    print(json.dumps({"machine": machine(), "docs": ns.docs, "corpus_after": len(new), "max_length": ns.max_length, "dtype": ns.dtype,
                       "refresh": refresh, "full_reencode": full,
                       "encoder_s_ratio": round(refresh["encoder_s"] / full["encoder_s"], 3),
                       "wall_s_ratio": round(refresh["wall_s"] / full["wall_s"], 3)}, indent=2))

@@ -36,7 +36,7 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _prepare(work: Path, n_docs: int, n_queries: int):
+def _prepare(work: Path, n_docs: int, n_queries: int, dtype: str, max_length: int):
     """Nano-shape random model (bf16), sample corpus, a bf16 store at r0=4 and a TREC run of every doc per query."""
     import torch
 
@@ -60,16 +60,16 @@ def _prepare(work: Path, n_docs: int, n_queries: int):
         rows += [(qid, d, r, float(len(ranked) - r)) for r, d in enumerate(ranked, start=1)]
     run = str(work / "data" / "candidates.trec")
     write_trec_run(rows, run, tag="first")
-    encoder = KaLMReranker(str(model), dtype="bfloat16", chunk_size=4, max_length=512)
+    encoder = KaLMReranker(str(model), dtype=dtype, chunk_size=4, max_length=max_length)
     t = time.perf_counter()
-    commit = build_store(f"file://{work}/store", encoder, corpus, dtype="bfloat16", overwrite=True)
+    commit = build_store(f"file://{work}/store", encoder, corpus, dtype="bfloat16")
     built = commit.new + commit.refreshed if commit else 0
     note = f"built in {time.perf_counter() - t:.1f} s" if built else "reused from --work-dir"
     return str(model), info.queries_path, run, f"file://{work}/store", queries, rows, note
 
 
 def _in_process(model: str, store: str, queries: dict, rows: list, ratio: int,
-                batch_size: int) -> tuple[float, int, float]:
+                batch_size: int, dtype: str) -> tuple[float, int, float]:
     """Score the pairs in this process from memories already in RAM, after a warm-up.
 
     Returns (seconds, pairs, mean decoder prompt tokens per pair)."""
@@ -78,7 +78,7 @@ def _in_process(model: str, store: str, queries: dict, rows: list, ratio: int,
 
     reader = open_store(store)
     memories = reader.fetch([d for _, d, _, _ in rows], ratio).memories
-    reranker = KaLMReranker(model, dtype="bfloat16", chunk_size=4, batch_size=batch_size)
+    reranker = KaLMReranker(model, dtype=dtype, chunk_size=4, batch_size=batch_size)
     qs, ms = [queries[q] for q, _, _, _ in rows], [memories[d] for _, d, _, _ in rows]
     reranker.score_memories(qs[:batch_size], ms[:batch_size])  # load the decoder, warm up
     t = time.perf_counter()
@@ -87,11 +87,11 @@ def _in_process(model: str, store: str, queries: dict, rows: list, ratio: int,
     return seconds, len(rows), sum(len(reranker.prompt_ids(q)) for q in queries.values()) / len(queries)
 
 
-def _job(model, store, queries_url, run, out, *, workers, threads, batch_size, **kw):
+def _job(model, store, queries_url, run, out, *, workers, threads, batch_size, dtype, **kw):
     from kalm_batch.pipelines.rerank import RerankConfig, run_rerank
 
     cfg = RerankConfig(model=model, store=store, queries=queries_url, candidates=run, out=out, workers=workers,
-                       dtype="bfloat16", cpu_threads=threads, batch_size=batch_size, **kw)
+                       dtype=dtype, cpu_threads=threads, batch_size=batch_size, **kw)
     return run_rerank(cfg)
 
 
@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cascade", action="store_true", help="also time --cascade 32:100,4:20 on the largest log")
     parser.add_argument("--work-dir", default=None)
+    parser.add_argument("--dtype", default="float32", help="compute dtype (the store is bf16 either way); bf16 "
+                                                           "compute is emulated (slow) on CPUs without native bf16")
+    parser.add_argument("--max-length", type=int, default=512, help="encoder max_length of the store")
     args = parser.parse_args(argv)
     import ray
     import torch
@@ -128,13 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="kalm-bench-rerank-"))
     work.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // args.workers)
-    common = {"workers": str(args.workers), "threads": threads, "batch_size": args.batch_size}
+    common = {"workers": str(args.workers), "threads": threads, "batch_size": args.batch_size, "dtype": args.dtype}
     rows, loop_note = [], []
     for n_queries in args.queries:
-        model, queries_url, run, store, queries, pairs, store_note = _prepare(work, args.docs,
-                                                                             n_queries)
+        model, queries_url, run, store, queries, pairs, store_note = _prepare(work, args.docs, n_queries,
+                                                                             args.dtype, args.max_length)
         top = [r for r in pairs if r[2] <= 100]
-        loop_s, loop_pairs, prompt_len = _in_process(model, store, queries, top, 4, args.batch_size)
+        loop_s, loop_pairs, prompt_len = _in_process(model, store, queries, top, 4, args.batch_size, args.dtype)
         loop_pps = loop_pairs / loop_s
         init_ray(None, num_cpus=os.cpu_count())
         direct = _job(model, store, queries_url, run, str(work / f"out-direct-{n_queries}"), ratio=4, top_k=100,
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "### Bulk rerank (benchmarks/rerank.py)", "", f"- command: `{cmd.strip()}`",
         (f"- machine: {os.cpu_count()} CPUs ({_cpu_model()}), shared with other jobs; torch {torch.__version__} CPU, "
-        f"ray {ray.__version__}; random Nano-shape model, bf16 compute, bf16 store at r0=4; logs: "
+        f"ray {ray.__version__}; random Nano-shape model, {args.dtype} compute, bf16 store at r0=4 (max_length {args.max_length}); logs: "
         f"{'; '.join(loop_note)}; {args.workers} actor(s) x {threads} torch thread(s), batch size {args.batch_size}; "
         f"decoder prompt ~{prompt_len:.0f} tokens"), "",
         "| measure | value | target |", "|---|---|---|", *rows]

@@ -40,7 +40,7 @@ def _prepare_store(work: Path) -> tuple[str, str]:
     if not (model / "config.json").exists():
         write_random_model(model, shape="tiny", seed=0)
     store = work / "store"
-    if not (store / "manifest.json").exists():
+    if not (store / "_delta_log").exists():
         info = write_sample_corpus(str(work / "data"), max_docs=N_DOCS, n_queries=10)
         corpus = read_beir_corpus(info.corpus_path)
         encoder = KaLMReranker(str(model), dtype="float32", chunk_size=4, max_length=128)
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown")
     cmd = "python benchmarks/rerank_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    head = [f"- command: `{cmd}`", (f"- machine: {os.cpu_count()} CPUs ({cpu}), shared with other jobs (load ~15); "
+    head = [f"- command: `{cmd}`", (f"- machine: {os.cpu_count()} CPUs ({cpu}), load average at the end {os.getloadavg()[1]:.1f} (5 min); "
             f"tiny random model, a {N_DOCS}-passage bf16 store at r0=4, {PER_QUERY} candidates per query"), ""]
     sys.stdout.write("\n".join(head + rows) + "\n")
     return 0

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -47,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--query-chars", type=int, default=3000)
     p.add_argument("--instruction-chars", type=int, default=450,
                    help="within the default max_instruction_tokens=512 for the byte-level tiny tokenizer too")
-    p.add_argument("--budgets", default="default,huge", help="default: the ServeConfig defaults; huge: no split")
+    p.add_argument("--budgets", default="default,huge", help="comma-separated: default (the ServeConfig defaults), huge (no split) or "
+                                                      "BATCH/ENCODE token budgets, e.g. 512/256")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the scorer")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "kalm-bench-fairness"))
     return p.parse_args(argv)
@@ -68,7 +70,7 @@ def prepare(kind: str, args) -> tuple[Path, str, list[str], list[str]]:
         rows = [json.loads(line) for line in f]
     docs = {r["_id"]: r["text"] for r in rows[: args.passages]}
     store = Path(args.workdir) / f"store-{kind}-{args.passages}-{args.max_length}"
-    if not (store / "manifest.json").exists():
+    if not (store / "_delta_log").exists():
         build_store(str(store), KaLMReranker(str(model), max_length=args.max_length), docs)
     words = " ".join(r["text"] for r in rows).split()
     return model, str(store), list(docs), words
@@ -122,6 +124,16 @@ def run_budget(base: str, ids: list[str], large: dict, n_small: int) -> dict:
             **result}
 
 
+def _budget(spec: str) -> dict:
+    """``default`` (the ServeConfig defaults), ``huge`` (no split) or ``BATCH/ENCODE`` token budgets."""
+    if spec == "default":
+        return {}
+    if spec == "huge":
+        return {"max_batch_tokens": HUGE, "max_encode_tokens": HUGE}
+    batch, encode = (int(x) for x in spec.split("/"))
+    return {"max_batch_tokens": batch, "max_encode_tokens": encode}
+
+
 def bench_model(kind: str, args) -> dict:
     import ray
     from ray import serve
@@ -137,7 +149,7 @@ def bench_model(kind: str, args) -> dict:
     try:
         for budget in args.budgets.split(","):
             port = _free_port()
-            extra = {} if budget == "default" else {"max_batch_tokens": HUGE, "max_encode_tokens": HUGE}
+            extra = _budget(budget)
             cfg = ServeConfig(model=str(model), store=store, port=port, num_cpus=max(0.5, ncpu - 0.5),
                               torch_threads=args.threads, text_cache_bytes=0, **extra)  # no cache: each large request encodes its texts
             run_serve(cfg, blocking=False)
@@ -155,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     results = {kind: bench_model(kind, args) for kind in args.models.split(",")}
-    print(f"\n`python benchmarks/serve_fairness.py {' '.join(argv or [])}` on {machine()}; large request: "
+    print(f"\n`python benchmarks/serve_fairness.py {' '.join(sys.argv[1:] if argv is None else argv)}` on {machine()}; large request: "
           f"{args.query_chars}-char query, {args.instruction_chars}-char instruction, {args.texts} raw texts of "
           f"{args.text_chars} chars (store max_length {args.max_length}); {args.threads} scorer torch thread(s)\n")
     print("| model | budget (batch / encode tokens) | large request s | small alone p50 / p99 s | "
