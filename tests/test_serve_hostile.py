@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -63,7 +64,7 @@ def apps(tiny_model_dir, tmp_path_factory):
                           batch_wait_timeout_s=0.005), blocking=False)
     run_serve(ServeConfig(**common, app_name="fragile", route_prefix="/fragile", batch_wait_timeout_s=3.0,
                           max_pairs_per_batch=64, scorer_max_ongoing_requests=2, max_queued_requests=1,
-                          retry_after_s=2, health_timeout_s=1.0), blocking=False)
+                          retry_after_s=2, health_timeout_s=1.0, replica_check_s=0.5), blocking=False)
     base = f"http://127.0.0.1:{port}"
     yield base, base + "/fragile", ref, store
     serve.shutdown()
@@ -248,15 +249,16 @@ def test_a_killed_replica_gives_503_with_retry_after_and_a_retry_succeeds(apps):
         assert all(_is_retryable(r) and r.json()["error_type"] in ("unavailable", "overloaded")
                    for r in responses), \
             [(r.status_code, r.text) for r in responses]
+        # a request sent while the replacement is starting is refused at once, not queued until it is up
+        refused = c.post("/v2/rerank", json=body)
+        refused_at = time.time()
+        assert _is_retryable(refused) and refused.json()["error_type"] == "unavailable", refused.text
         health = c.get("/health")
         assert health.status_code == 503 and health.headers["retry-after"] == "2", health.text
+        assert health.json()["error_type"] == "not_ready"
         statuses = []
-        deadline = time.monotonic() + 120
-        # a client that honours Retry-After gets through once Serve restarts the replica; a request sent while no
-        # replica exists waits in Serve's handle queue (bounded by max_queued_requests) until one is up, which on a
-        # loaded host took over 60 s, hence the long read timeout here
-        while time.monotonic() < deadline:
-            resp = c.post("/v2/rerank", json=body, timeout=240)
+        for _ in range(90):  # a client honouring Retry-After (2 s) gets through once Serve restarted the replica
+            resp = c.post("/v2/rerank", json=body, timeout=240)  # the first request a new replica takes may be slow
             statuses.append(resp.status_code)
             if resp.status_code == 200:
                 break
@@ -264,6 +266,8 @@ def test_a_killed_replica_gives_503_with_retry_after_and_a_retry_succeeds(apps):
             time.sleep(float(resp.headers["retry-after"]))
         assert statuses[-1] == 200, statuses
         assert c.get("/health").status_code == 200
+        # the 503 came before the replacement was ready, not after waiting for it (same host, same clock)
+        assert c.get("/info").json()["ready_since"] > refused_at
 
 
 # ------------------------------------------------------------------------------------------- start-up
@@ -282,6 +286,61 @@ def test_serve_with_a_broken_store_exits_nonzero_with_one_message(tiny_model_dir
     assert "Traceback" not in proc.stderr and "Ray" not in proc.stderr, proc.stderr  # before Ray even starts
     lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     assert len(lines) == 1 and "IncompleteStoreError" in lines[0] and "_delta_log" in lines[0], proc.stderr
+
+
+def test_a_store_that_breaks_after_the_start_up_check_fails_the_deployment_at_once_with_one_line(
+        apps, tiny_model_dir, tmp_path, monkeypatch):
+    from ray import serve
+
+    from kalm_batch.serve import app as serve_app
+    from kalm_batch.serve.app import ServeStartError, run_serve
+
+    # the store passes the start-up check, then is gone by the time the replica opens it: skip the check
+    monkeypatch.setattr(serve_app, "preflight", lambda cfg: None)
+    port = httpx.URL(apps[0]).port
+    cfg = ServeConfig(model=str(tiny_model_dir), store=str(tmp_path / "gone"), port=port, dtype="float32",
+                      num_cpus=0.2, ingress_num_cpus=0.05, app_name="broken", route_prefix="/broken")
+    try:
+        with pytest.raises(ServeStartError) as info:
+            run_serve(cfg, blocking=False)
+        scorer = serve.status().applications["broken"].deployments["KaLMScorer"]
+    finally:
+        serve.delete("broken")
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and "Traceback" not in message, message
+    assert "retry will not help" in message and "IncompleteStoreError" in message and "_delta_log" in message
+    starts = re.search(r"failed to start (\d+) times", scorer.message)
+    assert starts is not None and starts.group(1) == "1", scorer.message  # Serve did not retry the constructor
+
+
+def test_replica_start_up_retries_only_what_a_retry_may_fix():
+    from kalm_batch.fsio import StorageError
+    from kalm_batch.serve.startup import ScorerStartError, start_with_retries
+    from kalm_batch.store import IncompleteStoreError
+
+    calls, slept = [], []
+
+    def failing(exc: Exception, times: int):
+        def make():
+            calls.append(exc)
+            if len(calls) <= times:
+                raise exc
+            return "core"
+        calls.clear()
+        return make
+
+    transient = StorageError("read s3://b/store/_delta_log failed after 5 attempts (transient error)")
+    assert start_with_retries(failing(transient, 2), attempts=3, sleep=slept.append) == "core"
+    assert len(calls) == 3 and slept == [1.0, 2.0]  # capped exponential backoff between attempts
+    with pytest.raises(ScorerStartError, match="failed to start 3 times.*StorageError"):
+        start_with_retries(failing(transient, 9), attempts=3, sleep=slept.append)
+    assert len(calls) == 3
+    with pytest.raises(ScorerStartError, match="retry will not help.*IncompleteStoreError: s3://b/store") as info:
+        start_with_retries(failing(IncompleteStoreError("s3://b/store holds no memory store"), 9), attempts=3)
+    assert len(calls) == 1 and info.value.__cause__ is None and len(str(info.value).splitlines()) == 1
+    with pytest.raises(KeyError):  # a bug is not retried and keeps its own type and traceback
+        start_with_retries(failing(KeyError("max_length"), 9), attempts=3)
+    assert len(calls) == 1
 
 
 def test_fair_lock_serves_waiters_in_arrival_order():

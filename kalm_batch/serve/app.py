@@ -14,12 +14,17 @@ Start-up failures that no retry can fix fail fast: ``preflight(cfg)`` (called by
 and by ``app_builder``) opens the store and checks it against the model with the scorer's own
 ``open_compatible_store``, so a store that is missing/incomplete (no manifest), unreadable, or made by another model
 raises ``StoreError`` / ``StoreMismatchError`` / ``ValueError`` at once, and ``kalm-batch serve`` prints that one
-message and exits 2. Errors a retry may fix (a flaky object store) are left to Serve's constructor retries.
+message and exits 2. The same errors raised inside a replica (the store changed between the check and the replica's
+start, or ``serve deploy`` put the replica where the store reads differently) fail the deployment at its first failed
+start: Serve allows one (``max_constructor_retries=1``), the replica itself retries only errors a retry may fix (an
+object-store read error) and raises ``ScorerStartError`` with one line otherwise (``kalm_batch.serve.startup``), and
+``run_serve`` raises ``ServeStartError`` with that line alone, no traceback.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import ray
@@ -81,13 +86,16 @@ class ServeStartError(RuntimeError):
     """The application did not start; the message carries the failing deployments' own errors."""
 
 
-def _failure_details(app_name: str) -> str:
-    """The status messages of ``app_name``'s unhealthy deployments (where the replica's exception lands)."""
+def _start_error(app_name: str, exc: RuntimeError) -> ServeStartError:
+    """Why ``app_name`` failed to deploy: the scorer's one ``ScorerStartError`` line when a replica raised one, else
+    Serve's error with the status messages of the unhealthy deployments (where a replica's traceback lands)."""
+    parts = [str(exc)]
     app = serve.status().applications.get(app_name)
-    if app is None:
-        return ""
-    parts = [app.message] + [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
-    return "\n".join(p for p in parts if p)
+    if app is not None:
+        parts += [app.message] + [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
+    text = "\n".join(p for p in parts if p)
+    lines = re.findall(r"ScorerStartError: ([^\n]+)", text)
+    return ServeStartError(lines[-1] if lines else text)
 
 
 def run_serve(cfg: ServeConfig, blocking: bool = True):
@@ -104,7 +112,7 @@ def run_serve(cfg: ServeConfig, blocking: bool = True):
     try:
         handle = serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
     except RuntimeError as exc:
-        raise ServeStartError(f"{exc}\n{_failure_details(cfg.app_name)}") from None
+        raise _start_error(cfg.app_name, exc) from None
     logger.info("kalm rerank endpoint on http://%s:%d%s", cfg.host, cfg.port, cfg.route_prefix)
     if not blocking:
         return handle

@@ -18,8 +18,10 @@ Errors are JSON ``{"error", "error_type", "request_id", "details"?}`` and never 
   and the limit. Other routes truncate, as the model does (a long raw text is cut by characters first, so a 5 MB
   text costs what ``max_length`` tokens cost);
 * 503 + ``Retry-After`` — retryable: the scorer replica died or is restarting, or more than ``max_queued_requests``
-  wait for it (``error_type`` ``unavailable`` / ``overloaded``); ``GET /health`` is a 503 until a scorer replica
-  has its store open and decoder loaded;
+  wait for it (``error_type`` ``unavailable`` / ``overloaded``). While no scorer replica is running (the only one
+  died and its replacement is starting) requests get this 503 at once instead of waiting in Serve's queue for the
+  replacement (``kalm_batch.serve.availability``); ``GET /health`` is a 503 until a scorer replica has its store
+  open and decoder loaded, and again while none is running;
 * 404 — unknown document ids. Choice: the *whole request* fails and the error lists the unknown ids (up to 50), so a
   client never silently gets fewer results than it sent documents;
 * 500 — only for the server's own faults: a corrupt store record (``error_type="corrupt_record"``) or an internal
@@ -29,7 +31,6 @@ Errors are JSON ``{"error", "error_type", "request_id", "details"?}`` and never 
 
 # No ``from __future__ import annotations`` here: Serve's class-based FastAPI ingress rebuilds the route functions,
 # and string annotations would then no longer resolve (FastAPI would read the request body as query parameters).
-import asyncio
 import logging
 import math
 import uuid
@@ -39,10 +40,9 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kalm_batch.serve.availability import Readiness, ScorerGate, ScorerUnavailable
 from kalm_batch.serve.limits import check_count, check_encodable, check_job
 from kalm_batch.serve.schemas import (
     ApiError,
@@ -64,8 +64,6 @@ from kalm_batch.serve.schemas import (
 )
 
 logger = logging.getLogger("ray.serve")
-# retryable: the replica died (RayActorError, ActorUnavailableError), is gone or restarting, or the queue is full
-RETRYABLE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, BackPressureError)
 api = FastAPI(title="kalm-batch rerank", description="KaLM-Reranker-V1 over pre-encoded passage memories")
 
 
@@ -181,23 +179,23 @@ class KaLMIngress:
     """Validates requests, enforces the limits and turns scorer outcomes into each API's response."""
 
     def __init__(self, scorer, config: dict):
-        self.scorer = scorer
         self.limits = ServeConfig.model_validate(config)
+        self.gate = ScorerGate(scorer, check_s=self.limits.replica_check_s, timeout_s=self.limits.health_timeout_s)
 
-    def _unavailable(self, exc: Exception, what: str) -> ApiError:
+    def _unavailable(self, exc: ScorerUnavailable, what: str) -> ApiError:
         """A retryable failure (replica died, restarting, or the queue is full) as a 503 with Retry-After."""
-        kind = "overloaded" if isinstance(exc, BackPressureError) else "unavailable"
-        why = ("too many requests are waiting for the scorer (max_queued_requests)" if kind == "overloaded"
-               else f"the scorer replica is unavailable ({type(exc).__name__}: it died or is restarting)")
-        logger.warning("%s: %s", what, why)
-        return ApiError(503, kind, f"{why}; retry after {self.limits.retry_after_s} s",
+        logger.warning("%s: %s", what, exc.reason)
+        return ApiError(503, exc.kind, f"{exc.reason}; retry after {self.limits.retry_after_s} s",
                         retry_after_s=self.limits.retry_after_s)
 
-    async def _run(self, job: ScoreJob) -> ScoreOutcome:
+    async def _ask(self, method: str, *args, what: str):
         try:
-            out: ScoreOutcome = await self.scorer.score.remote(job)
-        except RETRYABLE as exc:
-            raise self._unavailable(exc, f"request {job.request_id}") from None
+            return await self.gate.call(method, *args)
+        except ScorerUnavailable as exc:
+            raise self._unavailable(exc, what) from None
+
+    async def _run(self, job: ScoreJob) -> ScoreOutcome:
+        out: ScoreOutcome = await self._ask("score", job, what=f"request {job.request_id}")
         if out.error is not None:
             raise ApiError(out.error.status, out.error.error_type, out.error.message, out.error.details)
         return out
@@ -249,19 +247,18 @@ class KaLMIngress:
 
     @api.get("/health")
     async def health(self) -> dict:
-        """200 once a scorer replica has its store open and decoder loaded; 503 (with Retry-After) until then."""
-        try:
-            await asyncio.wait_for(self.scorer.ready.remote(), self.limits.health_timeout_s)
-        except (asyncio.TimeoutError, *RETRYABLE) as exc:
-            raise ApiError(503, "not_ready", f"no scorer replica is ready ({type(exc).__name__}); retry after "
-                           f"{self.limits.retry_after_s} s", retry_after_s=self.limits.retry_after_s) from None
+        """200 while a scorer replica has its store open and decoder loaded; 503 (with Retry-After) otherwise."""
+        state, why = await self.gate.probe()
+        if state is not Readiness.READY:
+            raise ApiError(503, "not_ready", f"not ready: {why}; retry after {self.limits.retry_after_s} s",
+                           retry_after_s=self.limits.retry_after_s)
         return {"status": "ok"}
 
     @api.get("/info")
     async def info(self) -> dict:
-        info = await self.scorer.info.remote()
-        return {**info, "limits": self.limits.limits(), "batch_stats": await self.scorer.batch_stats.remote()}
+        info = await self._ask("info", what="/info")
+        return {**info, "limits": self.limits.limits(), "batch_stats": await self._ask("batch_stats", what="/info")}
 
     @api.get("/stats")
     async def stats(self) -> dict:
-        return await self.scorer.batch_stats.remote()
+        return await self._ask("batch_stats", what="/stats")

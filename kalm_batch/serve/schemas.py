@@ -75,11 +75,23 @@ class ServeConfig(BaseModel):
     retry_after_s: int = Field(5, ge=1, description="the Retry-After (seconds) of a 503 (replica died, restarting "
                                                     "or overloaded)")
     health_timeout_s: float = Field(2.0, gt=0, description="/health answers 503 when no ready scorer replica "
-                                                           "answers within this time")
+                                                           "answers within this time (also bounds the ingress's "
+                                                           "replica probe)")
+    replica_check_s: float = Field(2.0, gt=0, description="a request still waiting for the scorer after this long "
+                                                          "checks that a scorer replica is running; if none is (it "
+                                                          "died or is restarting) it is answered 503 + Retry-After "
+                                                          "at once instead of waiting for the replacement")
     cache_bytes: int = Field(256 * 2**20, ge=0, description="store reader LRU cache (decoded memories), bytes")
     text_cache_bytes: int = Field(64 * 2**20, ge=0, description="raw-text memory LRU cache (by sha256), bytes")
-    max_constructor_retries: int = Field(3, ge=1, description="how often Serve retries a failing scorer "
-                                                             "constructor before the deployment fails")
+    max_constructor_retries: int = Field(1, ge=1, description="failed scorer starts Serve allows before the "
+                                                             "deployment fails (Ray's max_constructor_retry_count); "
+                                                             "1 = Serve does not retry: a replica retries what a "
+                                                             "retry may fix itself (startup_attempts) and fails at "
+                                                             "once on what no retry fixes (a missing, incomplete or "
+                                                             "mismatched store)")
+    startup_attempts: int = Field(3, ge=1, description="attempts of a scorer replica to open the store and load the "
+                                                       "model when a retry may help (an object-store or I/O error), "
+                                                       "with backoff, before it fails")
     allow_mismatch: bool = Field(False, description="serve even if the store was made with another model")
     store_version: int | None = Field(None, ge=0, description="serve this store version (default: follow the latest)")
     store_poll_s: float = Field(10.0, gt=0, description="how often a replica checks the store for a newer version")

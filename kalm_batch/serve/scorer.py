@@ -37,6 +37,7 @@ from kalm_batch.prompts import document_text
 from kalm_batch.reranker import KaLMReranker, Memory, Scores
 from kalm_batch.serve.follow import StoreFollower
 from kalm_batch.serve.schemas import BatchingConfig, ErrorInfo, ScoreJob, ScoreOutcome, ServeConfig
+from kalm_batch.serve.startup import start_with_retries
 from kalm_batch.store import check_compatible, open_store
 from kalm_batch.textlimits import tokenize_prefix
 
@@ -375,7 +376,10 @@ class KaLMScorer:
         cfg = ServeConfig.model_validate(config)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
-        self.core = ScorerCore(cfg)
+        # one clear error, at once, for what no retry fixes (Serve is set to allow one failed start); see startup.py
+        self.core = start_with_retries(lambda: ScorerCore(cfg), attempts=cfg.startup_attempts,
+                                       what="the scorer replica")
+        self.ready_since = time.time()  # unix time the replica became ready (its store open, decoder loaded)
         self.stats = BatchStats()
         self.limits = BatchLimits(cfg.max_batch_size, cfg.max_pairs_per_batch, cfg.max_batch_tokens)
         self._jobs = self._ongoing = 0
@@ -433,7 +437,7 @@ class KaLMScorer:
         return out
 
     def info(self) -> dict:
-        return {**self.core.info(), "batching": self.batching.model_dump()}
+        return {**self.core.info(), "batching": self.batching.model_dump(), "ready_since": self.ready_since}
 
     def batch_stats(self) -> dict:
         """Recent batch sizes, plus what is in progress (``model_busy``: an encode or decode is running)."""
