@@ -84,7 +84,7 @@ def test_parse_workers():
             parse_workers(bad)
 
 
-def test_flags_round_trip_to_config():
+def test_flags_round_trip_to_config(capsys):
     parser = add_rerank_arguments(argparse.ArgumentParser())
     ns = parser.parse_args(["--model", "m", "--store", "s3://b/s", "--queries", "q", "--candidates", "c", "--out", "o",
                             "--cascade", "32:100,4:20", "--gpus-per-worker", "0.5", "--store-version", "3",
@@ -96,7 +96,8 @@ def test_flags_round_trip_to_config():
     assert config_from_args(parser.parse_args(["--store", "s", "--queries", "q", "--candidates", "c", "--out", "o",
                                                "--workers", "2:6"])).workers == "2:6"
     with pytest.raises(SystemExit):
-        parser.parse_args(["--store", "s"])  # the other required flags are missing
+        parser.parse_args(["--store", "s"])
+    assert "the following arguments are required: --queries, --candidates, --out" in capsys.readouterr().err
 
 
 
