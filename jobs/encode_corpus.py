@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir holds kalm_batch/
 
-from kalm_batch.cli import main  # noqa: E402
+from kalm_batch.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["encode", *sys.argv[1:]]))

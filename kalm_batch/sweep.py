@@ -19,7 +19,6 @@ import logging
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -28,6 +27,7 @@ from kalm_batch.cascade import CascadeError, parse_cascade, validate_stages
 from kalm_batch.cliutil import add_model_arguments, model_from_args
 from kalm_batch.metrics import DEFAULT_MEASURES, Qrels, Run, per_query, read_run
 from kalm_batch.model import DEFAULT_MODEL
+from kalm_batch.pipelines import rerank
 from kalm_batch.pooling import ALLOWED_RATIOS
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class SweepConfig(BaseModel):
     """Settings of one sweep; ``kalm-batch sweep`` and jobs/sweep.py share its flags."""
 
     model: str = Field(DEFAULT_MODEL, description="checkpoint directory or hub id (the model that made the store)")
-    store: str = Field(description="memory store URL made by the encode job (file://, s3://, local path)")
+    store: rerank.StoreUrl
     queries: str = Field(description="queries: BEIR queries.jsonl, qid<TAB>text TSV or Parquet (qid, text)")
     candidates: str = Field(description="first-stage candidates: TREC run or Parquet (qid, doc_id[, score][, rank])")
     qrels: str = Field(description="qrels (BEIR TSV or TREC) judging the queries; every setting is scored on them")
@@ -56,18 +56,17 @@ class SweepConfig(BaseModel):
     bootstrap: int = Field(10000, ge=100, description="paired bootstrap resamples over queries")
     bytes_sample: int = Field(256, ge=1, description="stored passages (of the swept candidates) re-encoded to "
                               "measure bytes per passage at each ratio")
-    instruction: str | None = Field(None, description="task instruction in the decoder prompt (default: the model's)")
-    address: str | None = Field(None, description="Ray address: unset/'local' starts a local Ray, 'auto' joins one")
+    instruction: rerank.Instruction
+    address: rerank.RayAddress
     workers: int = Field(1, ge=1, description="scoring actors")
-    gpus_per_worker: float | None = Field(None, description="GPUs per scoring actor (default: 1 if the cluster has GPUs)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="compute dtype of the decoder (auto: bfloat16 on GPU, float32 on CPU)")
-    allow_mismatch: bool = Field(False, description="score even if the store was made by another model (WARNING)")
-    batch_size: int = Field(32, ge=1, description="max pairs per decoder forward")
-    query_max_length: int = Field(512, ge=1, description="query truncation length in tokens")
-    cpu_threads: int | None = Field(None, ge=1, description="torch threads per actor on CPU (default: Ray's)")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all)")
-    storage_options: dict | None = Field(None, description="fsspec options for every URL (not a flag)")
+    gpus_per_worker: rerank.GpusPerWorker
+    dtype: rerank.ComputeDtype
+    allow_mismatch: rerank.AllowMismatch
+    batch_size: rerank.BatchSize
+    query_max_length: rerank.QueryMaxLength
+    cpu_threads: rerank.CpuThreads
+    num_cpus: rerank.LocalRayCpus
+    storage_options: rerank.StorageOptions
 
     @field_validator("ratios", mode="before")
     @classmethod
@@ -237,12 +236,10 @@ def write_sample_inputs(cfg: SweepConfig, plan: SweepPlan) -> dict[str, str]:
 
 def rerank_config(cfg: SweepConfig, setting: Setting, inputs: dict[str, str]):
     """The RerankConfig of one setting: the sweep's shared options, this setting's ratio or cascade, its own out."""
-    from kalm_batch.pipelines.rerank import RerankConfig
-
-    shared = {k: getattr(cfg, k) for k in RerankConfig.model_fields if k in SweepConfig.model_fields}
+    shared = {k: getattr(cfg, k) for k in rerank.RerankConfig.model_fields if k in SweepConfig.model_fields}
     shared.update(inputs, out=fsio.join_url(cfg.out, "runs", setting.slug), ratio=setting.ratio,
                   cascade=setting.cascade, top_k=cfg.top_k, tag=f"kalm-sweep-{setting.slug}")
-    return RerankConfig(**shared)
+    return rerank.RerankConfig(**shared)
 
 
 def read_rerank_output(out: str, storage_options: dict | None = None):
@@ -272,11 +269,9 @@ def _work(summary, scores, prompt_tokens: dict[str, int]) -> dict:
 def run_setting(cfg: SweepConfig, plan: SweepPlan, setting: Setting, inputs: dict[str, str],
                 prompt_tokens: dict[str, int]) -> dict:
     """Rerank the pairs at one setting, then its per-query metrics and its work per query."""
-    from kalm_batch.pipelines.rerank import run_rerank
-
     rcfg = rerank_config(cfg, setting, inputs)
     log.info("sweep: %s -> %s", setting.name, rcfg.out)
-    summary = run_rerank(rcfg)
+    summary = rerank.run_rerank(rcfg)
     scores, run = read_rerank_output(rcfg.out, cfg.storage_options)
     stage_pairs = sum(int(s.get("pairs", 0)) for s in summary.stages)  # decoder calls: a doc once per stage reached
     if sum(scores.column("stage").to_pylist()) != stage_pairs or scores.num_rows != summary.pairs_scored:

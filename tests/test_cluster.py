@@ -27,7 +27,7 @@ def test_package_facade_still_exports_the_public_names():
         assert getattr(kalm_batch, name) is not None
     for name in store.__all__:
         assert getattr(store, name) is not None
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match="no_such_name"):
         kalm_batch.no_such_name  # noqa: B018
 
 

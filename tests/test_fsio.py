@@ -73,8 +73,9 @@ def test_read_missing_raises_file_not_found_naming_url(base_url: str) -> None:
     assert info.value.filename == url and url in str(info.value)
     with pytest.raises(FileNotFoundError, match="missing.json"):
         fsio.read_json(join_url(base_url, "missing.json"))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="cannot open: no such file, object or bucket") as info:
         fsio.open_input(url)
+    assert info.value.filename == url
 
 
 @pytest.mark.s3
@@ -169,9 +170,9 @@ def test_with_retries_gives_up_with_storage_error_and_cause() -> None:
 @pytest.mark.parametrize("exc", [FileNotFoundError("gone"), PermissionError("denied"), ValueError("bad")])
 def test_with_retries_does_not_retry_permanent_errors(exc: Exception) -> None:
     fn = _Flaky(10, exc)
-    with pytest.raises(type(exc)):
+    with pytest.raises(type(exc)) as info:
         with_retries(fn, what="read s3://b/k", attempts=5, base_delay=0.001)
-    assert fn.calls == 1
+    assert fn.calls == 1 and info.value is exc  # raised as it came, not wrapped
 
 
 def test_with_retries_classifies_s3_client_errors() -> None:
@@ -184,7 +185,7 @@ def test_with_retries_classifies_s3_client_errors() -> None:
     slow = _Flaky(1, client_error("SlowDown", 503))
     assert with_retries(slow, what="read", base_delay=0.001) == "ok" and slow.calls == 2
     bad = _Flaky(1, client_error("InvalidArgument", 400))
-    with pytest.raises(ClientError):
+    with pytest.raises(ClientError, match="InvalidArgument"):
         with_retries(bad, what="read", base_delay=0.001)
     assert bad.calls == 1
 

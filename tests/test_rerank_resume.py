@@ -82,7 +82,7 @@ def test_sigkill_then_the_same_command_resumes_exactly_once(job, tmp_path):
     time.sleep(2)
     before = done_parts(out)
     assert before and not runfolder.is_committed(out)
-    with pytest.raises(runfolder.UncommittedOutputError):
+    with pytest.raises(runfolder.UncommittedOutputError, match="Re-run the same `kalm-batch rerank` command"):
         runfolder.read_scores(out)
     try:
         summary = run_rerank(_config(flags))

@@ -6,12 +6,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import runpy
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from kalm_batch import KaLMReranker
+from kalm_batch.cli import main as cli_main
 from kalm_batch.pipelines.cluster import parse_workers
 from kalm_batch.pipelines.rerank import add_rerank_arguments, config_from_args, open_checked_store, run_rerank
 from kalm_batch.pipelines.rerank_inputs import RAW_SCHEMA, file_items, id_problem, read_file_records
@@ -80,7 +84,7 @@ def test_parse_workers():
             parse_workers(bad)
 
 
-def test_flags_round_trip_to_config():
+def test_flags_round_trip_to_config(capsys):
     parser = add_rerank_arguments(argparse.ArgumentParser())
     ns = parser.parse_args(["--model", "m", "--store", "s3://b/s", "--queries", "q", "--candidates", "c", "--out", "o",
                             "--cascade", "32:100,4:20", "--gpus-per-worker", "0.5", "--store-version", "3",
@@ -92,8 +96,24 @@ def test_flags_round_trip_to_config():
     assert config_from_args(parser.parse_args(["--store", "s", "--queries", "q", "--candidates", "c", "--out", "o",
                                                "--workers", "2:6"])).workers == "2:6"
     with pytest.raises(SystemExit):
-        parser.parse_args(["--store", "s"])  # the other required flags are missing
+        parser.parse_args(["--store", "s"])
+    assert "the following arguments are required: --queries, --candidates, --out" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize(("job", "command"), [("rerank_queries.py", "rerank"), ("sweep.py", "sweep")])
+def test_job_entrypoint_takes_the_commands_flags(job, command, monkeypatch, capsys):
+    """jobs/<job> is ``kalm-batch <command>``: the same parser, so the same flags, defaults and help."""
+    path = Path(__file__).resolve().parents[1] / "jobs" / job
+    monkeypatch.setattr(sys, "argv", [str(path), "--help"])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the job puts its working dir first
+    with pytest.raises(SystemExit) as job_exit:
+        runpy.run_path(str(path), run_name="__main__")
+    job_help = capsys.readouterr().out
+    with pytest.raises(SystemExit) as cli_exit:
+        cli_main([command, "--help"])
+    assert job_exit.value.code == cli_exit.value.code == 0
+    assert job_help == capsys.readouterr().out and "--store STORE" in job_help and "--batch-size" in job_help
 
 def test_store_of_another_model_is_refused_before_any_output(tiny_model_dir, tmp_path, caplog):
     from kalm_batch.tiny import write_random_model

@@ -338,7 +338,7 @@ def test_replica_start_up_retries_only_what_a_retry_may_fix():
     with pytest.raises(ScorerStartError, match="retry will not help.*IncompleteStoreError: s3://b/store") as info:
         start_with_retries(failing(IncompleteStoreError("s3://b/store holds no memory store"), 9), attempts=3)
     assert len(calls) == 1 and info.value.__cause__ is None and len(str(info.value).splitlines()) == 1
-    with pytest.raises(KeyError):  # a bug is not retried and keeps its own type and traceback
+    with pytest.raises(KeyError, match="max_length"):  # a bug is not retried and keeps its own type and traceback
         start_with_retries(failing(KeyError("max_length"), 9), attempts=3)
     assert len(calls) == 1
 

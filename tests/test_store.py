@@ -529,7 +529,7 @@ def test_check_compatible_accepts_the_encoding_model_only(tmp_path, reranker, ot
     check_compatible(reader, rr)
     check_compatible(reader, reranker(4, max_length=32))  # same model, other settings: still the same model
     other = reranker(4, model_dir=other_model_dir)
-    with pytest.raises(StoreMismatchError) as err:
+    with pytest.raises(StoreMismatchError, match="Score with the model that made the store, or re-encode") as err:
         check_compatible(reader, other)
     message = str(err.value)
     assert "weights_sha256" in message and url in message and "version 0" in message
@@ -555,7 +555,7 @@ def test_a_fingerprint_with_another_config_is_named(tmp_path, reranker):
                                        tokenizer_sha256=rr.fingerprint.tokenizer_sha256,
                                        weights_sha256=rr.fingerprint.weights_sha256)
 
-    with pytest.raises(StoreMismatchError) as err:
+    with pytest.raises(StoreMismatchError, match="Score with the model that made the store, or re-encode") as err:
         check_compatible(open_store(url), Other())
     message = str(err.value)
     assert repr(rr.fingerprint.model_id) in message and "'someone/other-reranker'" in message

@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
@@ -41,11 +41,30 @@ PLAN_VERSION = 1
 AUTO_PARTITION_BYTES = 8 * 2**20  # --partitions auto: one partition per 8 MiB of candidate files (~200k TREC lines)
 
 
+# ----- options a sweep passes on to each of its rerank runs: defined once, used by RerankConfig and SweepConfig -----
+StoreUrl = Annotated[str, Field(description="memory store URL made by the encode job (file://, s3://, local path)")]
+Instruction = Annotated[str | None, Field(None, description="task instruction in the decoder prompt (default: the "
+                                                            "model's)")]
+RayAddress = Annotated[str | None, Field(None, description="Ray address: unset/'local' starts a local Ray, 'auto' "
+                                                           "joins one")]
+GpusPerWorker = Annotated[float | None, Field(None, description="GPUs per scoring actor (default: 1 if the cluster "
+                                                                "has GPUs)")]
+ComputeDtype = Annotated[Literal["auto", "float32", "bfloat16", "float16"], Field(
+    "auto", description="compute dtype of the decoder (auto: bfloat16 on GPU, float32 on CPU)")]
+AllowMismatch = Annotated[bool, Field(False, description="score even if the store was made by another model "
+                                                         "(WARNING)")]
+BatchSize = Annotated[int, Field(32, ge=1, description="max pairs per decoder forward")]
+QueryMaxLength = Annotated[int, Field(512, ge=1, description="query truncation length in tokens")]
+CpuThreads = Annotated[int | None, Field(None, ge=1, description="torch threads per actor on CPU (default: Ray's)")]
+LocalRayCpus = Annotated[int | None, Field(None, ge=1, description="CPUs for a local Ray (default: all)")]
+StorageOptions = Annotated[dict | None, Field(None, description="fsspec options for every URL (not a flag)")]
+
+
 class RerankConfig(BaseModel):
     """Settings of one bulk rerank run; the CLI (``kalm-batch rerank``) and jobs/rerank_queries.py share its flags."""
 
     model: str = Field(DEFAULT_MODEL, description="checkpoint directory or hub id (must be the model that made the store)")
-    store: str = Field(description="memory store URL made by the encode job (file://, s3://, local path)")
+    store: StoreUrl
     store_version: int | None = Field(None, ge=0, description="store table version to read (default: the latest)")
     queries: str = Field(description="queries: file, directory or glob of BEIR queries.jsonl, qid<TAB>text TSV or "
                          "Parquet (qid, text)")
@@ -57,7 +76,7 @@ class RerankConfig(BaseModel):
     ratio: int | None = Field(None, description="pooling ratio to score at (a multiple of the store's r0; default r0)")
     cascade: str | None = Field(None, description="cascade R1:K1,R2:K2,...: top K1 at ratio R1, then the top K2 of "
                                 "those at R2, ... (K strictly decreasing), e.g. 32:100,4:20")
-    instruction: str | None = Field(None, description="task instruction in the decoder prompt (default: the model's)")
+    instruction: Instruction
     qrels: str | None = Field(None, description="qrels (BEIR TSV or TREC; file, directory or glob) to compare the "
                               "first-stage and reranked runs, per query in the workers")
     dry_run: bool = Field(False, description="validate the inputs against the store and report counts and the work "
@@ -68,21 +87,20 @@ class RerankConfig(BaseModel):
                                    "8 MiB of candidate files)")
     merge_limit: int = Field(5_000_000, ge=0, description="also merge the run parts into OUT/run.trec when the run "
                              "has at most this many lines")
-    address: str | None = Field(None, description="Ray address: unset/'local' starts a local Ray, 'auto' joins one")
+    address: RayAddress
     workers: int | str = Field("auto", description="scoring actors: auto (one per GPU, else one per 8 CPUs), N, or MIN:MAX "
                          "(a pool that grows on an autoscaling cluster)")
-    gpus_per_worker: float | None = Field(None, description="GPUs per scoring actor (default: 1 if the cluster has GPUs)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="compute dtype of the decoder (auto: bfloat16 on GPU, float32 on CPU)")
-    allow_mismatch: bool = Field(False, description="score even if the store was made by another model (WARNING)")
-    batch_size: int = Field(32, ge=1, description="max pairs per decoder forward")
+    gpus_per_worker: GpusPerWorker
+    dtype: ComputeDtype
+    allow_mismatch: AllowMismatch
+    batch_size: BatchSize
     max_tokens_per_batch: int = Field(32768, ge=1, description="padded prompt tokens + memory vectors per forward")
-    query_max_length: int = Field(512, ge=1, description="query truncation length in tokens")
+    query_max_length: QueryMaxLength
     pairs_per_block: int = Field(4096, ge=1, description="pairs per store fetch in a scoring actor (sorted by file)")
-    cpu_threads: int | None = Field(None, ge=1, description="torch threads per actor on CPU (default: Ray's)")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all)")
+    cpu_threads: CpuThreads
+    num_cpus: LocalRayCpus
     tag: str = Field("kalm-rerank", description="run tag written in run.trec")
-    storage_options: dict | None = Field(None, description="fsspec options for every URL (not a flag)")
+    storage_options: StorageOptions
 
 
 class RerankSummary(BaseModel):

@@ -18,11 +18,25 @@ ingress and the scorer deployments.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 # ----------------------------------------------------------------------------------------------- server config
+
+# The scorer's batching knobs, defined once: flags of ServeConfig and fields of BatchingConfig (its user_config).
+MaxBatchSize = Annotated[int, Field(64, ge=1, description="most request chunks one scorer batch gathers "
+                                                          "(user_config)")]
+BatchWaitTimeout = Annotated[float, Field(0.01, ge=0, description="how long a batch waits to fill (user_config)")]
+MaxPairsPerBatch = Annotated[int, Field(256, ge=1, description="most (query, memory) pairs per scorer batch; larger "
+                                                               "requests are split into chunks (user_config)")]
+MaxBatchTokens = Annotated[int, Field(2048, ge=1, description="most prompt tokens + memory vectors per scorer "
+                                                              "batch: bounds how long a small request waits behind "
+                                                              "a large one (CPU default; raise it on a GPU) "
+                                                              "(user_config)")]
+MaxEncodeTokens = Annotated[int, Field(1024, ge=1, description="most encoder tokens per raw-text encoder step; "
+                                                               "other requests' batches run between steps "
+                                                               "(user_config)")]
 
 
 class ServeConfig(BaseModel):
@@ -57,15 +71,11 @@ class ServeConfig(BaseModel):
     max_document_chars: int = Field(8_000_000, ge=1, description="longest raw document, in characters (413); a long "
                                                                  "text is cut by characters before tokenizing, so "
                                                                  "it costs what max_length tokens cost")
-    max_batch_size: int = Field(64, ge=1, description="most request chunks one scorer batch gathers (user_config)")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill (user_config)")
-    max_pairs_per_batch: int = Field(256, ge=1, description="most (query, memory) pairs per scorer batch; larger "
-                                                            "requests are split into chunks (user_config)")
-    max_batch_tokens: int = Field(2048, ge=1, description="most prompt tokens + memory vectors per scorer batch: "
-                                                          "bounds how long a small request waits behind a large "
-                                                          "one (CPU default; raise it on a GPU) (user_config)")
-    max_encode_tokens: int = Field(1024, ge=1, description="most encoder tokens per raw-text encoder step; other "
-                                                           "requests' batches run between steps (user_config)")
+    max_batch_size: MaxBatchSize
+    batch_wait_timeout_s: BatchWaitTimeout
+    max_pairs_per_batch: MaxPairsPerBatch
+    max_batch_tokens: MaxBatchTokens
+    max_encode_tokens: MaxEncodeTokens
     max_tokens_per_batch: int = Field(32768, ge=1, description="padded tokens per decoder forward inside a batch")
     scorer_max_ongoing_requests: int | None = Field(None, ge=1, description="requests one scorer replica holds at "
                                                                             "once (default: max(2 x max_batch_size,"
@@ -101,8 +111,7 @@ class ServeConfig(BaseModel):
 
     def batching(self) -> dict:
         """The scorer's ``user_config`` (tunable without restarting replicas)."""
-        return {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s,
-                "max_pairs_per_batch": self.max_pairs_per_batch, "max_batch_tokens": self.max_batch_tokens, "max_encode_tokens": self.max_encode_tokens}
+        return {k: getattr(self, k) for k in BatchingConfig.model_fields}
 
     def limits(self) -> dict:
         """The request limits, as ``/info`` reports them."""
@@ -116,11 +125,11 @@ class BatchingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int = Field(64, ge=1, description="most request chunks per batch")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="seconds a batch waits to fill")
-    max_pairs_per_batch: int = Field(256, ge=1, description="most pairs per batch")
-    max_batch_tokens: int = Field(2048, ge=1, description="most prompt tokens + memory vectors per batch")
-    max_encode_tokens: int = Field(1024, ge=1, description="most encoder tokens per raw-text encoder step")
+    max_batch_size: MaxBatchSize
+    batch_wait_timeout_s: BatchWaitTimeout
+    max_pairs_per_batch: MaxPairsPerBatch
+    max_batch_tokens: MaxBatchTokens
+    max_encode_tokens: MaxEncodeTokens
 
 
 # ----------------------------------------------------------------------------------------------- requests
