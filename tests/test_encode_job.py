@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -293,6 +295,95 @@ def test_a_refresh_killed_midway_then_rerun_commits_each_id_once_with_current_te
     _assert_store_matches_core(str(store), tiny_model_dir, new_texts, max_length=96)  # memories of the current text
     old = open_store(str(store), version=base.version)  # the first version is untouched
     assert len(old) == len(old_texts) and old.verify()["records_corrupt"] == 0
+
+
+def _refresh_and_prune_corpora(src, folder: Path) -> dict[str, tuple[Path, dict[str, str]]]:
+    """"refresh": passages 0-9 edited and 3 new ones; "prune": the last 2 passages gone (nothing to encode)."""
+    rows = [json.loads(line) for line in Path(src).read_text().splitlines()]
+    refresh = [dict(r, text=r["text"] + " (edited)") if i < 10 else r for i, r in enumerate(rows)]
+    refresh += [{"_id": f"new-{i}", "title": "", "text": f"passage {i} added today"} for i in range(3)]
+    out = {}
+    for name, kept in (("refresh", refresh), ("prune", rows[:-2])):
+        path = folder / f"corpus-{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        out[name] = (path, _corpus_texts(path))
+    return out
+
+
+def test_two_encode_jobs_on_one_store_one_commits_the_other_fails_clearly(tiny_model_dir, sample, tmp_path,
+                                                                           monkeypatch, capsys):
+    """Two encode jobs on one existing store at once, end to end on the module's Ray: "refresh" (the ``kalm-batch
+    encode`` CLI: 10 edited and 3 new passages to encode) and "prune" (``run_encode --delete-missing``: 2 passages
+    gone, nothing to encode). Both prepare on version 0 before either commits; prune commits version 1 first while
+    refresh encodes. The order is made certain by wrapping the real ``StoreWriter.prepare``/``commit_files`` with a
+    barrier and an event (no sleeps). Refresh's commit on top of version 0 is refused: exit code 2 and one message
+    saying what to do; its data files stay on disk, invisible. Every version holds each id once, reads, verifies."""
+    from kalm_batch.cli import main
+    from kalm_batch.store import build_store
+    from kalm_batch.store.writer import StoreWriter, text_hash
+
+    wait_s = 300
+    store = str(tmp_path / "store")
+    core = KaLMReranker(str(tiny_model_dir), dtype="float32", max_length=MAX_LEN, chunk_size=4)
+    old = _corpus_texts(sample.corpus_path)
+    base = build_store(store, core, old, dtype="float32", text_join="title_space_text", shard_rows=16).version
+    corpora = _refresh_and_prune_corpora(sample.corpus_path, tmp_path)
+    prepared, pruned = threading.Barrier(2, timeout=wait_s), threading.Event()
+    real_prepare, real_commit = StoreWriter.prepare, StoreWriter.commit_files
+
+    def job() -> str:
+        return threading.current_thread().name.split("_")[0]  # ThreadPoolExecutor names threads "<prefix>_<n>"
+
+    def prepare(self, *args, **kw):
+        out = real_prepare(self, *args, **kw)
+        if job() in ("refresh", "prune"):
+            prepared.wait()  # neither job goes on before both have read version 0
+        return out
+
+    def commit_files(self, *args, **kw):
+        if job() == "refresh" and not pruned.wait(wait_s):
+            raise RuntimeError("the prune job did not commit in time")
+        return real_commit(self, *args, **kw)
+
+    monkeypatch.setattr(StoreWriter, "prepare", prepare)
+    monkeypatch.setattr(StoreWriter, "commit_files", commit_files)
+    refresh_argv = ["encode", "--model", str(tiny_model_dir), "--corpus", str(corpora["refresh"][0]), "--store",
+                    store, "--max-length", str(MAX_LEN), "--dtype", "float32", "--shard-rows", "16",
+                    "--rows-per-task", "16"]
+
+    def prune():
+        try:
+            return run_encode(_cfg(tiny_model_dir, str(corpora["prune"][0]), store, delete_missing=True))
+        finally:
+            pruned.set()  # also when it fails: the refresh job stops waiting
+
+    with ThreadPoolExecutor(1, thread_name_prefix="refresh") as pool_r, \
+            ThreadPoolExecutor(1, thread_name_prefix="prune") as pool_p:
+        refresh_future, prune_future = pool_r.submit(main, refresh_argv), pool_p.submit(prune)
+        refresh_exit, pruned_summary = refresh_future.result(2 * wait_s), prune_future.result(2 * wait_s)
+    assert (pruned_summary.version, pruned_summary.deleted, pruned_summary.stored_new) == (base + 1, 2, 0)
+    assert refresh_exit == 2
+    messages = [line for line in capsys.readouterr().err.splitlines() if "kalm-batch encode: error:" in line]
+    assert len(messages) == 1, messages
+    assert f"ConcurrentWriterError: another writer committed version {base + 1} of {store}" in messages[0]
+    assert "nothing of it is visible" in messages[0] and "re-running the same command resumes" in messages[0]
+
+    assert open_store(store).version == base + 1  # the refused job left no version behind
+    for version, texts in {base: old, base + 1: corpora["prune"][1]}.items():
+        table = _table(store, version)  # every version: each id once, with its text's hash, all records intact
+        ids = table.column("doc_id").to_pylist()
+        assert len(ids) == len(set(ids)) and sorted(ids) == sorted(texts), version
+        shas = dict(zip(ids, table.column("text_sha256").to_pylist()))
+        assert all(shas[d] == text_hash(t) for d, t in texts.items()), version
+        check = open_store(store, version=version).verify()
+        assert (check["records_ok"], check["records_corrupt"], check["bad_files"]) == (len(texts), 0, {}), version
+    import deltalake
+    import pyarrow.parquet as pq
+
+    live = {u.removeprefix("file://") for u in deltalake.DeltaTable(table_uri(store)).file_uris()}
+    unused = {str(p) for p in Path(store).glob("part-*.parquet")} - live
+    unused_ids = {d for f in unused for d in pq.read_table(f, columns=["doc_id"]).column("doc_id").to_pylist()}
+    assert {"new-0", "new-1", "new-2"} <= unused_ids  # the refused job's encoded files: on disk, in no version
 
 
 def test_default_sort_window_bounds_a_calls_memories():

@@ -1,7 +1,8 @@
 """The Ray Serve rerank endpoint over real HTTP on 127.0.0.1: parity with in-process scoring, batching, errors.
 
-One Serve app (tiny model, float32, a float32 store built with ``build_store``) serves every test in the module; a
-second app on the same Serve instance checks that a store made by another model refuses to start.
+One Serve app (tiny model, float32, a float32 store built with ``build_store``, followed with a 0.2 s poll) serves
+every test in the module; the last one refreshes its store under load (ids of their own data file, the others are
+unchanged). A second app on the same Serve instance checks that a store made by another model refuses to start.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,6 +33,14 @@ DOCS = {f"doc-{i}": f"Passage {i}: the {w} module handles {w} data and {i % 4} r
         for i, w in enumerate(["json", "csv", "socket", "thread", "pickle", "zlib", "heapq", "bisect", "random",
                                "string", "struct", "array", "queue", "shutil", "glob", "fnmatch"])}
 CORRUPT_ID = "doc-corrupt"
+# In their own data file of the same store: the following test refreshes them (DOCS and CORRUPT_ID are unchanged)
+FOLLOW_DOCS = {f"f{i}": f"Followed passage {i} on the {w} module and its {w} helpers." for i, w in
+               enumerate(["json", "csv", "socket", "thread", "pickle", "zlib", "heapq", "bisect"])}
+EDITED = {"f0": "f0 rewritten: the json module parses text", "f1": "f1 rewritten: csv readers and writers"}
+DELETED = ["f6", "f7"]  # kept out of the load: a request for them after the switch gets the documented 404
+NEW = {"f8": "a new passage about the glob module", "f9": "another new passage on fnmatch patterns"}
+LOAD_IDS = ["f0", "f1", "f2", "f3", "f4", "f5"]  # edited and unchanged ids
+LOAD_QUERY = "which module parses json?"
 
 
 def _free_port() -> int:
@@ -65,6 +75,10 @@ def ray_serve():
     ray.shutdown()
 
 
+def _main_docs() -> dict[str, str]:
+    return {**DOCS, CORRUPT_ID: "this record gets corrupted"}
+
+
 @pytest.fixture(scope="module")
 def served(ray_serve, tiny_model_dir, tmp_path_factory):
     """(base URL, in-process reranker, reader) for one Serve app shared by the module."""
@@ -74,11 +88,13 @@ def served(ray_serve, tiny_model_dir, tmp_path_factory):
 
     store = tmp_path_factory.mktemp("serve") / "store"
     ref = KaLMReranker(str(tiny_model_dir), dtype="float32", chunk_size=4)
-    build_store(str(store), ref, {**DOCS, CORRUPT_ID: "this record gets corrupted"}, dtype="float32")
+    build_store(str(store), ref, _main_docs(), dtype="float32")
     _corrupt_record(store, CORRUPT_ID)
+    build_store(str(store), ref, FOLLOW_DOCS, dtype="float32")  # version 1: the followed ids in their own data file
     port = _free_port()
     cfg = ServeConfig(model=str(tiny_model_dir), store=str(store), port=port, dtype="float32", num_cpus=0.5,
-                      max_documents=50, max_pairs=50, max_query_chars=300, batch_wait_timeout_s=0.05, max_pairs_per_batch=16)
+                      max_documents=50, max_pairs=50, max_query_chars=300, batch_wait_timeout_s=0.05,
+                      max_pairs_per_batch=16, store_poll_s=0.2)
     run_serve(cfg, blocking=False)
     yield f"http://127.0.0.1:{port}", ref, open_store(str(store))
 
@@ -101,7 +117,7 @@ def test_info_reports_model_store_limits_and_lazy_encoder(client, served):
     assert client.get("/health").json() == {"status": "ok"}
     info = client.get("/info").json()
     assert info["model"]["fingerprint"] == ref.fingerprint.to_dict()
-    assert info["store"]["rows"] == len(DOCS) + 1 and info["store"]["ratio"] == 4
+    assert info["store"]["rows"] == len(DOCS) + 1 + len(FOLLOW_DOCS) and info["store"]["ratio"] == 4
     assert info["ratios"] == reader.ratios == [4, 8, 16, 32]
     assert info["limits"]["max_documents"] == 50 and info["limits"]["max_query_chars"] == 300
     assert info["batching"]["max_pairs_per_batch"] == 16
@@ -369,3 +385,95 @@ def test_store_from_another_model_refuses_to_start(ray_serve, served, tiny_model
 def client_ok(base_url: str) -> bool:
     with httpx.Client(base_url=base_url, timeout=TIMEOUT) as c:
         return c.get("/health").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------------- following
+
+class _Load:
+    """A few client threads sending the same /v2/rerank request over HTTP until stopped (each with its own
+    client); every response is kept as (status, store version from meta, {index: score} or the error body)."""
+
+    def __init__(self, base_url: str, threads: int = 3, max_requests: int = 2000):
+        self.base_url, self.max_requests = base_url, max_requests
+        self.stop = threading.Event()
+        self.responses: list[list[tuple[int, int | None, object]]] = [[] for _ in range(threads)]
+        self.errors: list[str] = []  # a client-side failure (no HTTP response at all) ends that thread
+        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(threads)]
+
+    def _run(self, k: int) -> None:
+        body = {"query": LOAD_QUERY, "document_ids": LOAD_IDS}
+        with httpx.Client(base_url=self.base_url, timeout=TIMEOUT) as c:
+            while not self.stop.is_set() and len(self.responses[k]) < self.max_requests:
+                try:
+                    resp = c.post("/v2/rerank", json=body)
+                except httpx.HTTPError as e:
+                    self.errors.append(f"client {k}: {type(e).__name__}: {e}")
+                    return
+                if resp.status_code != 200:
+                    self.responses[k].append((resp.status_code, None, resp.text))
+                    continue
+                out = resp.json()
+                scores = {r["index"]: r["relevance_score"] for r in out["results"]}
+                self.responses[k].append((200, out["meta"]["kalm"]["store_version"], scores))
+
+    def wait_for(self, condition, what: str, timeout: float = 60.0) -> None:
+        """Bounded wait (each client request is itself bounded by TIMEOUT)."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert not self.errors, f"requests failed without an HTTP response: {self.errors}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.05)
+
+    def count(self, version: int) -> list[int]:
+        return [sum(1 for _, v, _ in rs if v == version) for rs in self.responses]
+
+
+def test_serve_follows_a_refresh_under_load_with_zero_failed_requests(client, served):
+    """Clients keep sending rerank requests while a refresh (edits, deletes, new ids) commits a new version of the
+    module app's store (polled every 0.2 s): every response is a 200 scored wholly on the old or wholly on the new
+    version (its meta says which, and its scores match that version's memories); after the switch, refreshed ids
+    score as a fresh encode of their new text, deleted ids get the documented 404 and new ids score."""
+    from kalm_batch.store.writer import build_store
+
+    base, ref, reader = served
+    store, v0 = reader.url, client.get("/info").json()["store"]["version"]
+    switches = client.get("/info").json()["store"]["follow"]["switches"]
+    new_docs = {**{k: v for k, v in FOLLOW_DOCS.items() if k not in DELETED}, **EDITED, **NEW}
+    want = {v0: ref.score(LOAD_QUERY, ref.encode([FOLLOW_DOCS[d] for d in LOAD_IDS])).p_yes,
+            v0 + 1: ref.score(LOAD_QUERY, ref.encode([new_docs[d] for d in LOAD_IDS])).p_yes}  # fresh encodes
+    assert not np.allclose(want[v0], want[v0 + 1], atol=TOL)  # the edits change the scores the load sees
+    load = _Load(base)
+    try:
+        for t in load.threads:
+            t.start()
+        load.wait_for(lambda: min(load.count(v0)) >= 2, "responses on the first version")
+        v1 = build_store(store, ref, {**_main_docs(), **new_docs}, dtype="float32", delete_missing=True)
+        assert (v1.version, v1.refreshed, v1.deleted, v1.new) == (v0 + 1, len(EDITED), len(DELETED), len(NEW))
+        load.wait_for(lambda: client.get("/info").json()["store"]["version"] == v1.version,
+                      "/info to show the new version", timeout=30.0)
+        load.wait_for(lambda: min(load.count(v1.version)) >= 2, "responses on the new version")
+    finally:
+        load.stop.set()
+        for t in load.threads:
+            t.join(timeout=TIMEOUT)
+    failed = [r for rs in load.responses for r in rs if r[0] != 200]
+    assert not load.errors and not failed, f"{len(failed)} failed requests during the switch, e.g. {failed[:3]}"
+    for rs in load.responses:
+        versions = [v for _, v, _ in rs]
+        assert set(versions) == {v0, v1.version} and versions == sorted(versions)  # one switch, no way back
+        for _, v, scores in rs:  # each response is scored on the memories of the version it names
+            np.testing.assert_allclose([scores[i] for i in range(len(LOAD_IDS))], want[v], atol=TOL)
+    assert client.get("/info").json()["store"]["follow"]["switches"] == switches + 1
+
+    gone = _post(client, "/v2/rerank", {"query": "q", "document_ids": ["f2", *DELETED]})
+    assert gone.status_code == 404, gone.text
+    err = gone.json()
+    assert err["error_type"] == "unknown_document_ids" and err["details"]["store_version"] == v1.version
+    assert sorted(err["details"]["unknown_document_ids"]) == DELETED and f"version {v1.version}" in err["error"]
+    added = [*EDITED, *NEW]
+    resp = _post(client, "/v2/rerank", {"query": "glob patterns", "document_ids": added})
+    assert resp.status_code == 200, resp.text
+    got = {r["index"]: r["relevance_score"] for r in resp.json()["results"]}
+    fresh = ref.score("glob patterns", ref.encode([new_docs[d] for d in added])).p_yes
+    np.testing.assert_allclose([got[i] for i in range(len(added))], fresh, atol=TOL)
+    assert resp.json()["meta"]["kalm"]["store_version"] == v1.version
