@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,11 +120,12 @@ def resume(args, work: Path, model: str, store: str, doc_ids: list[str]) -> list
     from kalm_batch.pipelines.rerank_output import done_parts
 
     queries, cands = _log(work, args.pairs[0], doc_ids)
-    out = str(work / "out-resume")
-    argv = _argv(model, store, queries, cands, out, partitions=args.partitions)
+    full_out, out = str(work / "out-full"), str(work / "out-resume")
     t = time.perf_counter()
-    _, full_wall, _ = _measure(argv)
-    full = json.loads(Path(out, "summary.json").read_text())
+    _, full_wall, _ = _measure(_argv(model, store, queries, cands, full_out, partitions=args.partitions))
+    full = json.loads(Path(full_out, "summary.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)  # the killed run starts from an empty folder (no earlier markers)
+    argv = _argv(model, store, queries, cands, out, partitions=args.partitions)
     proc = subprocess.Popen(argv, env=_env(), cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     while proc.poll() is None and len(done_parts(out)) < args.partitions // 2:

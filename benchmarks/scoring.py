@@ -25,7 +25,7 @@ def _documents(tokenizer, n: int, n_tokens: int) -> list[str]:
     """n distinct documents of exactly n_tokens encoder tokens (the "<Document>: " prefix included)."""
     from kalm_batch.prompts import document_text
 
-    words = "the quick brown fox jumps over a lazy dog while reading files line by line".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "reading", "files", "line", "by", "line"]
     docs = []
     for i in range(n):
         text = " ".join(words[(i + j) % len(words)] for j in range(n_tokens * 2))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 
 @dataclass
@@ -23,7 +23,7 @@ class PaddingStats:
     def padding_ratio(self) -> float:
         return 0.0 if not self.total_tokens else 1.0 - self.real_tokens / self.total_tokens
 
-    def merge(self, other: "PaddingStats") -> None:
+    def merge(self, other: PaddingStats) -> None:
         self.real_tokens += other.real_tokens
         self.total_tokens += other.total_tokens
         self.batches += other.batches

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import threading
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import zstandard

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def test_obvious_match_ranks_first() -> None:
     for qid in queries:
         ranked = [(rank, score) for q, _, rank, score in rows if q == qid]
         assert [rank for rank, _ in ranked] == list(range(1, len(ranked) + 1))
-        assert all(a[1] >= b[1] > 0 for a, b in zip(ranked, ranked[1:]))
+        assert all(a[1] >= b[1] > 0 for a, b in itertools.pairwise(ranked))
     assert max(rank for *_, rank, _ in rows) <= len(CORPUS)  # k capped at the corpus size
 
 

@@ -22,6 +22,7 @@ from kalm_batch.pooling import n_vectors
 from kalm_batch.sample import write_sample_corpus
 from kalm_batch.store import IncompleteStoreError, StoreMismatchError, history, open_store
 from kalm_batch.store.settings import delta_options, table_uri
+from tests.procs import kill_session
 
 pytestmark = [pytest.mark.ray]
 MAX_LEN = 64
@@ -273,6 +274,7 @@ def test_a_refresh_killed_midway_then_rerun_commits_each_id_once_with_current_te
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+        kill_session(proc.pid)  # the local Ray the job started is in its session, not its process group
     partial = open_store(str(store))
     assert partial.version >= 1, f"no commit before the deadline; the job said: {job_log.read_text()[-3000:]}"
     ids = _table(str(store)).column("doc_id").to_pylist()

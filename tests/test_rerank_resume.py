@@ -19,6 +19,7 @@ from kalm_batch.pipelines.rerank_output import OutputInUseError, claim_output, d
 from kalm_batch.querylog import read_candidates, read_queries
 from kalm_batch.sample import write_sample_corpus
 from kalm_batch.store import build_store, open_store
+from tests.procs import kill_session
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,6 +66,7 @@ def _kill_after_first_partition(flags: dict, timeout_s: float = 900, attempts: i
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=60)
+            kill_session(proc.pid)  # the local Ray the job started is in its session, not its process group
         exits.append(proc.returncode)
     pytest.fail(f"the job committed no partition within {timeout_s} s (exit codes {exits})")
 
