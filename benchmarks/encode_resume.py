@@ -31,6 +31,8 @@ from pathlib import Path
 
 from common import ROOT, tiny_model_dir
 
+from tests.procs import kill_session
+
 
 def _command(model: str, corpus: str, store: str, ns) -> list[str]:
     return [sys.executable, str(ROOT / "jobs" / "encode_corpus.py"), "--model", model, "--corpus", corpus,
@@ -71,13 +73,6 @@ def _committed_rows(store: str) -> tuple[int, int]:
     return int(sum(rows)), dt.version()
 
 
-def _same_session(pid: int) -> dict[int, str]:
-    """Processes still alive in the killed job's session (its local Ray, if any outlived the SIGKILL): pid -> name."""
-    out = subprocess.run(["ps", "-o", "pid=,comm=", "-s", str(pid)], capture_output=True, text=True,
-                         check=False).stdout
-    return {int(line.split(None, 1)[0]): line.split(None, 1)[1].strip() for line in out.splitlines() if line.strip()}
-
-
 def _kill_midway(cmd: list[str], store: str, target_rows: int, log: Path) -> dict:
     t = time.perf_counter()
     with open(log, "wb") as out:
@@ -97,9 +92,7 @@ def _kill_midway(cmd: list[str], store: str, target_rows: int, log: Path) -> dic
         raise SystemExit(f"the job ended before it was killed (rows committed: {rows}); use more --docs. Its log: "
                          f"{log.read_text()[-2000:]}")
     time.sleep(1.0)
-    leftover = _same_session(proc.pid)
-    for pid in leftover:  # started by this benchmark's job: end them by id
-        os.kill(pid, signal.SIGKILL)
+    leftover = kill_session(proc.pid)  # its local Ray: in the job's session, outside its process group
     rows, version = _committed_rows(store)  # a commit may have landed between the last poll and the kill
     written = len(list(Path(store).glob("part-*.parquet")))  # data files written, committed or not
     names = sorted(set(leftover.values()))

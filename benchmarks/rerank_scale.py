@@ -118,6 +118,7 @@ def rss(args, work: Path, model: str, store: str, doc_ids: list[str]) -> list[st
 
 def resume(args, work: Path, model: str, store: str, doc_ids: list[str]) -> list[str]:
     from kalm_batch.pipelines.rerank_output import done_parts
+    from tests.procs import kill_session
 
     queries, cands = _log(work, args.pairs[0], doc_ids)
     full_out, out = str(work / "out-full"), str(work / "out-resume")
@@ -132,6 +133,7 @@ def resume(args, work: Path, model: str, store: str, doc_ids: list[str]) -> list
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    kill_session(proc.pid)  # its local Ray: in the job's session, outside its process group
     killed_at = len(done_parts(out))
     _, resume_wall, _ = _measure([a for a in argv if a != "--overwrite"])
     resumed = json.loads(Path(out, "summary.json").read_text())
