@@ -40,7 +40,7 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class ModelFingerprint:
-    """What identifies the weights and tokenizer that made a memory (stored in every manifest)."""
+    """What identifies the weights and tokenizer that made a memory (stored in every store's table metadata)."""
 
     model_id: str
     revision: str | None

@@ -184,7 +184,7 @@ def _read_inputs(cfg: SweepConfig):
 
 
 def plan_sweep(cfg: SweepConfig) -> SweepPlan:
-    """Open the store (manifest only), read the inputs and check everything; no scoring, nothing written."""
+    """Open the store (its Delta log and index, no memories), read the inputs and check everything; no scoring, nothing written."""
     from kalm_batch.store import open_store
 
     r0 = open_store(cfg.store, storage_options=cfg.storage_options).ratio

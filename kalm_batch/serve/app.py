@@ -12,7 +12,7 @@
 
 Start-up failures that no retry can fix fail fast: ``preflight(cfg)`` (called by ``run_serve`` before Ray starts,
 and by ``app_builder``) opens the store and checks it against the model with the scorer's own
-``open_compatible_store``, so a store that is missing/incomplete (no manifest), unreadable, or made by another model
+``open_compatible_store``, so a store that is missing/incomplete (no Delta log), unreadable, or made by another model
 raises ``StoreError`` / ``StoreMismatchError`` / ``ValueError`` at once, and ``kalm-batch serve`` prints that one
 message and exits 2. The same errors raised inside a replica (the store changed between the check and the replica's
 start, or ``serve deploy`` put the replica where the store reads differently) fail the deployment at its first failed

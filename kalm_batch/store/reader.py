@@ -80,25 +80,40 @@ class _LRU:
 
 
 def _open_table(url: str, version: int | None, storage_options: dict | None):
-    """(DeltaTable at ``version`` or the latest, its TableInfo); clear errors for no table / no such version."""
+    """(DeltaTable at ``version`` or the latest, its TableInfo); clear errors for no table / no such version.
+
+    The log is loaded once; the latest version is loaded only to explain a version that cannot be opened."""
     import deltalake as dl
 
     uri, opts = table_uri(url), delta_options(url, storage_options)
+    if version is not None and (not isinstance(version, int) or version < 0):
+        raise _no_such_version(url, version, _latest(uri, url, opts, storage_options))
     try:
-        latest = dl.DeltaTable(uri, storage_options=opts)
+        table = dl.DeltaTable(uri, version=version, storage_options=opts)
     except dl.exceptions.TableNotFoundError:
         refuse_missing_table(url, storage_options)
-    if version is not None and version != latest.version():
-        if not isinstance(version, int) or version < 0 or version > latest.version():
-            raise StoreVersionError(f"{url} has no version {version!r}: its versions are 0..{latest.version()} "
-                                    "(see `kalm-batch history STORE`)")
-        try:
-            latest = dl.DeltaTable(uri, version=version, storage_options=opts)
-        except Exception as e:
-            raise StoreVersionError(f"{url} version {version} cannot be loaded any more ({e}); it was probably "
-                                    "removed by log cleanup. See `kalm-batch history STORE` for the versions left."
-                                    ) from e
-    return latest, parse_description(url, latest.metadata().description)
+    except Exception as e:  # a version past the latest, or one whose log entries were cleaned up
+        latest = _latest(uri, url, opts, storage_options)
+        if version > latest.version():
+            raise _no_such_version(url, version, latest) from None
+        raise StoreVersionError(f"{url} version {version} cannot be loaded any more ({e}); it was probably "
+                                "removed by log cleanup. See `kalm-batch history STORE` for the versions left."
+                                ) from e
+    return table, parse_description(url, table.metadata().description)
+
+
+def _latest(uri: str, url: str, opts: dict, storage_options: dict | None):
+    import deltalake as dl
+
+    try:
+        return dl.DeltaTable(uri, storage_options=opts)
+    except dl.exceptions.TableNotFoundError:
+        refuse_missing_table(url, storage_options)
+
+
+def _no_such_version(url: str, version, latest) -> StoreVersionError:
+    return StoreVersionError(f"{url} has no version {version!r}: its versions are 0..{latest.version()} "
+                             "(see `kalm-batch history STORE`)")
 
 
 class StoreReader:
